@@ -1,0 +1,122 @@
+"""Merging adapters into the base weights, and unloading the wrappers.
+
+Merging is explicit (never a side effect of train()/eval()). `merge_and_unload` returns the
+model with every lorafit module replaced by a plain module of the original type, so the
+state-dict keys are the original model's: export, BN fusion and `from_pretrained` just work.
+`merge_state_dict` does the same arithmetic on a plain state dict, without the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .inject import lora_layers, saved_modules, walk
+from .layers import LoraLayer, ModulesToSave
+
+
+def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool = False) -> nn.Module:
+    """Add adapter updates into the base weights (default: the active adapters).
+
+    Args:
+        safe: check each merged weight for inf/NaN before writing it.
+    """
+    layers = lora_layers(model)
+    for name, layer in layers:
+        names = layer.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+        for n in names:
+            if n in layer.adapters:
+                try:
+                    layer.merge_adapter(n, safe=safe)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every merged update again (exact up to floating-point rounding)."""
+    for _, layer in lora_layers(model):
+        for n in list(reversed(layer.merged)):
+            layer.unmerge_adapter(n)
+    return model
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the active adapters and replace every wrapper by its base module.
+
+    Args:
+        dtype: for quantized bases (issue QLoRA): the dtype of the dequantized nn.Linear that
+            replaces them; the update is merged in full precision.
+    Returns:
+        the same model object, with no lorafit module left.
+    """
+    # check all merges can happen before changing anything
+    for name, layer in lora_layers(model):
+        for n in layer.active:
+            ad = layer.adapters[n] if n in layer.adapters else None
+            if ad is not None and n not in layer.merged and getattr(ad, "a_groups", layer_groups(layer)) \
+                    != layer_groups(layer):
+                raise ValueError(f"{name}: adapter {n!r} uses PEFT's conv form on a grouped conv and cannot be merged")
+    for name, mod, parent, attr in list(walk(model)):
+        if isinstance(mod, LoraLayer):
+            setattr(parent, attr, _unload_layer(mod, dtype))
+        elif isinstance(mod, ModulesToSave):
+            setattr(parent, attr, mod.current())
+    model.__dict__.pop("_lorafit_configs", None)
+    return model
+
+
+def layer_groups(layer: LoraLayer) -> int:
+    return getattr(layer, "groups", 1)
+
+
+def _unload_layer(layer: LoraLayer, dtype) -> nn.Module:
+    base = layer.base_layer
+    live = [n for n in layer.active if n in layer.adapters and n not in layer.merged]
+    if getattr(base, "lorafit_quantized", False):
+        linear = base.to_linear(dtype)
+        with torch.no_grad():
+            for n in live:
+                linear.weight += layer.delta_weight(layer.adapters[n]).to(linear.weight.dtype)
+        return linear
+    for n in live:
+        layer.merge_adapter(n)
+    return base
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all wrappers without merging (unmerging first where needed): the original model."""
+    unmerge(model)
+    for _, mod, parent, attr in list(walk(model)):
+        if isinstance(mod, LoraLayer):
+            setattr(parent, attr, mod.base_layer)
+        elif isinstance(mod, ModulesToSave):
+            setattr(parent, attr, mod.original_module)
+    model.__dict__.pop("_lorafit_configs", None)
+    return model
+
+
+def merge_state_dict(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], scalings: dict[str, float],
+                     fan_in_fan_out: bool = False) -> dict[str, torch.Tensor]:
+    """Merge PEFT-format LoRA tensors into a plain state dict, without building the model.
+
+    Args:
+        state: the base model's state dict (``<path>.weight`` keys).
+        adapter: PEFT-format tensors with the ``base_model.model.`` prefix stripped
+            (``<path>.lora_A.weight`` [r, in, *k], ``<path>.lora_B.weight`` [out, r, 1...]).
+        scalings: ``<path>`` -> alpha / r (or alpha / sqrt(r)).
+    Returns:
+        a new dict; the input dicts are not modified. Linear/conv (groups=1) layers only.
+    """
+    out = dict(state)
+    for key, a in adapter.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        b = adapter[f"{path}.lora_B.weight"]
+        w = out[f"{path}.weight"]
+        delta = (b.float().flatten(1) @ a.float().flatten(1)) * scalings[path]
+        if fan_in_fan_out:
+            delta = delta.t()
+        out[f"{path}.weight"] = (w.float() + delta.view(w.shape)).to(w.dtype)
+    return out
