@@ -179,11 +179,11 @@ def _classify(tensors, infos, file) -> tuple[dict, dict]:
                 path = key[: -len(suf)]
                 if path.endswith(".base_layer.out_proj") and path[: -len(".base_layer.out_proj")] in infos:
                     path, slot = path[: -len(".base_layer.out_proj")], "out_" + slot
-                lora.setdefault(path, {})[slot] = (key, val)
+                lora.setdefault(path, {})[slot] = (PREFIX + key, val)
                 break
         else:
             if "lora_" in key:
-                raise ValueError(f"{file}: key {key!r} is not a LoRA weight lorafit understands")
+                raise ValueError(f"{file}: key {PREFIX + key!r} is not a LoRA weight lorafit understands")
             rest[key] = val
     return lora, rest
 
@@ -195,7 +195,8 @@ def _expected_a_groups(base: nn.Module, a, file, key) -> int | None:
         return 1  # PEFT's form
     if base.groups > 1 and a.shape[1] == base.in_channels // base.groups:
         return base.groups
-    raise ValueError(f"{file}: key {key!r} has shape {tuple(a.shape)}, which does not fit conv {tuple(base.weight.shape)}")
+    raise ValueError(f"{file}: key {key!r} has shape {tuple(a.shape)}, which does not fit conv "
+                     f"{tuple(base.weight.shape)}")
 
 
 def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
@@ -277,9 +278,9 @@ def _load_biases(model, rest, file):
     for key, val in rest.items():
         target = params.get(key.replace(".base_layer.", "."))
         if target is None:
-            raise ValueError(f"{file}: key {key!r} matches no LoRA layer, saved module or bias of the model")
+            raise ValueError(f"{file}: key {PREFIX + key!r} matches no LoRA layer, saved module or bias of the model")
         if tuple(target.shape) != tuple(val.shape):
-            raise ValueError(f"{file}: key {key!r} has shape {tuple(val.shape)} but the model needs "
+            raise ValueError(f"{file}: key {PREFIX + key!r} has shape {tuple(val.shape)} but the model needs "
                              f"{tuple(target.shape)}")
         out.append((target, val.to(target.dtype)))
     return out

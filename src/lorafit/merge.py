@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .inject import lora_layers, saved_modules, walk
+from .inject import lora_layers, walk
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -21,15 +21,24 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
     Args:
         safe: check each merged weight for inf/NaN before writing it.
     """
-    layers = lora_layers(model)
-    for name, layer in layers:
+    work = []
+    for name, layer in lora_layers(model):
         names = layer.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
         for n in names:
             if n in layer.adapters:
-                try:
-                    layer.merge_adapter(n, safe=safe)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
+                if layer.adapters[n].a_groups != layer_groups(layer):  # check all before changing any
+                    raise ValueError(f"{name}: adapter {n!r} uses PEFT's conv form on a grouped conv and "
+                                     "cannot be merged")
+                work.append((name, layer, n))
+    done = []
+    for name, layer, n in work:
+        try:
+            layer.merge_adapter(n, safe=safe)
+        except ValueError as exc:
+            for _, dl, dn in reversed(done):  # leave the model as it was
+                dl.unmerge_adapter(dn)
+            raise ValueError(f"{name}: {exc}") from None
+        done.append((name, layer, n))
     return model
 
 
@@ -53,11 +62,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     # check all merges can happen before changing anything
     for name, layer in lora_layers(model):
         for n in layer.active:
-            ad = layer.adapters[n] if n in layer.adapters else None
-            if ad is not None and n not in layer.merged and getattr(ad, "a_groups", layer_groups(layer)) \
-                    != layer_groups(layer):
+            if n in layer.adapters and n not in layer.merged and layer.adapters[n].a_groups != layer_groups(layer):
                 raise ValueError(f"{name}: adapter {n!r} uses PEFT's conv form on a grouped conv and cannot be merged")
-    for name, mod, parent, attr in list(walk(model)):
+    for _, mod, parent, attr in list(walk(model)):
         if isinstance(mod, LoraLayer):
             setattr(parent, attr, _unload_layer(mod, dtype))
         elif isinstance(mod, ModulesToSave):

@@ -37,7 +37,8 @@ class LoraAdapter(nn.Module):
     def __init__(self, kind: str, a_shape, b_shape, r: int, alpha: float, use_rslora: bool, dropout: float,
                  dtype: torch.dtype, device, a_groups: int = 1):
         super().__init__()
-        self.kind, self.r, self.alpha, self.dropout, self.a_groups = kind, int(r), float(alpha), float(dropout), a_groups
+        self.kind, self.r, self.alpha, self.dropout = kind, int(r), float(alpha), float(dropout)
+        self.a_groups = a_groups
         self.use_rslora = bool(use_rslora)
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))

@@ -1,0 +1,181 @@
+"""Several adapters on one base: activation, deletion, disabling, mixed batches, merging."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import Tiny, same_state, state, tiny_llama
+
+import lorafit
+
+
+def two_adapter_tiny():
+    model = Tiny().eval()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["emb", "lin"], init=False, modules_to_save=["cls"]))
+    lorafit.inject(model, lorafit.LoraConfig(r=4, alpha=3, target_modules=["lin"], init=False,
+                                             modules_to_save=["cls"]), adapter="b")
+    with torch.no_grad():
+        for p in model.cls.modules_to_save["b"].parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_inject_freezes_base_and_reports_trainable():
+    model = tiny_llama()
+    total_before = sum(p.numel() for p in model.parameters())
+    lorafit.inject(model, lorafit.LoraConfig(r=4, target_modules="all-linear"))
+    trainable, total = lorafit.trainable_parameters(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert trainable == lora and total == total_before + lora
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert "lm_head" not in [n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "adapters")]
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_second_adapter_inactive_until_set_and_switching():
+    model = two_adapter_tiny()
+    ids = torch.randint(0, 20, (3, 5))
+    with torch.no_grad():
+        out_a = model(ids)
+        lorafit.set_adapter(model, "b")
+        out_b = model(ids)
+        with lorafit.disabled(model):
+            out_base = model(ids)
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, out_base)
+    plain = copy.deepcopy(model)
+    lorafit.unload(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), out_base)
+    # only the active adapter trains
+    assert all(p.requires_grad for p in model.lin.adapters["b"].parameters())
+    assert not any(p.requires_grad for p in model.lin.adapters["default"].parameters())
+
+
+def test_adapter_batch_rows_equal_single_adapter_forwards():
+    model = two_adapter_tiny()
+    ids = torch.randint(0, 20, (5, 6))
+    names = ["default", "b", None, "b", "default"]
+    with torch.no_grad():
+        singles = {}
+        for n in ("default", "b"):
+            lorafit.set_adapter(model, n)
+            singles[n] = model(ids)
+        with lorafit.disabled(model):
+            singles[None] = model(ids)
+        with lorafit.adapter_batch(model, names):
+            mixed = model(ids)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], singles[n][i], atol=1e-5, rtol=0)
+
+
+def test_adapter_batch_llama_one_pass():
+    model = tiny_llama()
+    lorafit.inject(model, lorafit.LoraConfig(r=4, target_modules="all-linear", init=False))
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init=False), adapter="x")
+    ids = torch.randint(0, 64, (3, 8))
+    names = ["x", None, "default"]
+    calls = []
+    layer = model.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        with lorafit.adapter_batch(model, names):
+            mixed = model(ids).logits
+        ref = {}
+        for n in ("x", "default"):
+            lorafit.set_adapter(model, n)
+            ref[n] = model(ids).logits
+        with lorafit.disabled(model):
+            ref[None] = model(ids).logits
+    handle.remove()
+    assert calls[0] == 3  # the whole batch went through the layer at once
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], ref[n][i], atol=1e-5, rtol=0)
+
+
+def test_adapter_batch_conv_rows():
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))
+    lorafit.inject(net, lorafit.LoraConfig(r=2, target_modules=["0", "2"], init=False))
+    lorafit.inject(net, lorafit.LoraConfig(r=4, target_modules=["0"], init=False), adapter="b")
+    x = torch.randn(3, 4, 5, 5)
+    names = ["b", "default", None]
+    with torch.no_grad():
+        with lorafit.adapter_batch(net, names):
+            mixed = net(x)
+        ref = {}
+        for n in ("b", "default"):
+            lorafit.set_adapter(net, n)
+            ref[n] = net(x)
+        with lorafit.disabled(net):
+            ref[None] = net(x)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], ref[n][i], atol=1e-5, rtol=0)
+
+
+def test_adapter_batch_bad_input():
+    model = two_adapter_tiny()
+    with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
+        with lorafit.adapter_batch(model, ["zzz"]):
+            pass
+    with pytest.raises(ValueError, match="2 names but the input batch has 3 rows"):
+        with lorafit.adapter_batch(model, ["b", None]):
+            model(torch.randint(0, 20, (3, 4)))
+
+
+def test_merge_unmerge_round_trip_and_merge_and_unload():
+    model = two_adapter_tiny()
+    lorafit.set_adapter(model, ["default", "b"])
+    ids = torch.randint(0, 20, (4, 5))
+    base_state = {k: v.clone() for k, v in Tiny().state_dict().items()}
+    with torch.no_grad():
+        want = model(ids)
+        before = state(model)
+        lorafit.merge(model, safe=True)
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-6)
+        lorafit.unmerge(model)
+        after = state(model)
+        for k in before:
+            torch.testing.assert_close(after[k], before[k], atol=1e-5, rtol=1e-6)
+        merged = lorafit.merge_and_unload(model)
+        torch.testing.assert_close(merged(ids), want, atol=1e-5, rtol=1e-6)
+    assert merged.state_dict().keys() == base_state.keys()
+    assert not any("lorafit" in type(m).__module__ for m in merged.modules())
+
+
+def test_delete_adapter():
+    model = two_adapter_tiny()
+    lorafit.delete_adapter(model, "b")
+    assert lorafit.adapter_names(model) == ["default"]
+    assert "b" not in model.cls.modules_to_save
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lorafit.delete_adapter(model, "b")
+
+
+def test_inject_nothing_matched_lists_candidates_and_leaves_model():
+    model = Tiny()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"matched no supported layer; candidates: emb, lin, cls"):
+        lorafit.inject(model, lorafit.LoraConfig(target_modules=["nope"]))
+    assert same_state(before, state(model)) and type(model.lin) is nn.Linear
+
+
+def test_regex_and_suffix_targets_and_exclude():
+    model = tiny_llama()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=r".*\.(q|v)_proj",
+                                             exclude_modules=["layers.1.self_attn.v_proj"]))
+    wrapped = sorted(n for n, m in model.named_modules() if hasattr(m, "adapters"))
+    assert wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.1.self_attn.q_proj"]
+
+
+def test_mha_out_proj_is_not_wrapped_alone():
+    """Targeting MHA's out_proj adapts the MHA itself (its forward bypasses out_proj.forward)."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    lorafit.inject(layer, lorafit.LoraConfig(r=2, target_modules=["out_proj"], init=False))
+    assert type(layer.self_attn).__name__ == "MhaLora"
+    assert type(layer.self_attn.base_layer.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        with lorafit.disabled(layer):
+            base = layer(x)
+        assert not torch.allclose(layer(x), base, atol=1e-4)
