@@ -32,7 +32,11 @@ class LoraAdapter(nn.Module):
         dropout: probability on the adapter input (0 = no copy at all).
         kind: "linear", "conv", "embedding", "mha_in" or "mha_out".
         a_groups: conv only; groups of the A conv (1 = PEFT's form, base groups = ours).
+        variant: None for plain LoRA; else an object from `lorafit.variants` (DoRA, hot-swap)
+            whose `forward` / `merge` / `unmerge` the wrapper delegates to (one branch per call).
     """
+
+    variant = None  # class default: plain LoRA pays one attribute read, nothing else
 
     def __init__(self, kind: str, a_shape, b_shape, r: int, alpha: float, use_rslora: bool, dropout: float,
                  dtype: torch.dtype, device, a_groups: int = 1):
@@ -87,6 +91,16 @@ class LoraLayer(nn.Module):
         self._live: tuple[LoraAdapter, ...] = ()
         self._batch = None  # set by adapter_batch: (row index tensor [N], stacked weights cache)
 
+    def __getattr__(self, name: str):
+        # Model code often reads attributes of the layer it calls (`layer.weight.dtype`,
+        # `conv.stride`, `linear.out_features`); answer them from the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     # -------------------------------------------------------------- state management
     def _refresh(self) -> None:
         self._live = tuple(self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged)
@@ -97,6 +111,10 @@ class LoraLayer(nn.Module):
 
     def attach(self, name: str, adapter: LoraAdapter) -> None:
         self.adapters[name] = adapter
+        pending = adapter.__dict__.pop("pending_base", None)  # PiSSA/OLoRA residual, applied on commit only
+        if pending is not None:
+            with torch.no_grad():
+                self.base_weight().copy_(pending)
         self._refresh()
 
     def detach(self, name: str) -> None:
@@ -122,6 +140,8 @@ class LoraLayer(nn.Module):
         """W += delta in place; with safe=True the result is checked for inf/NaN first."""
         if name in self.merged:
             return
+        if getattr(self.adapters[name].variant, "merge", None) is not None:  # DoRA: W' = m / ||W + dW|| (W + dW)
+            return self.adapters[name].variant.merge(self, name, safe)
         weight = self.base_weight()
         delta = self.delta_weight(self.adapters[name])
         if getattr(self.base_layer, "lorafit_quantized", False):
@@ -138,6 +158,8 @@ class LoraLayer(nn.Module):
     def unmerge_adapter(self, name: str) -> None:
         if name not in self.merged:
             return
+        if getattr(self.adapters[name].variant, "unmerge", None) is not None:
+            return self.adapters[name].variant.unmerge(self, name)
         delta = self.delta_weight(self.adapters[name])
         if getattr(self.base_layer, "lorafit_quantized", False):
             self.base_layer.merge_delta_(-delta)
