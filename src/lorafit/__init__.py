@@ -23,6 +23,8 @@ from .adapters import (  # noqa: E402
     trainable_parameters,
 )
 from .config import LoraConfig  # noqa: E402
+# imported eagerly (torch only): the function `hotswap` must shadow the submodule of the same name
+from .hotswap import hotswap, prepare_hotswap  # noqa: E402
 from .inject import inject  # noqa: E402
 from .io import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .merge import merge, merge_and_unload, merge_state_dict, unload, unmerge  # noqa: E402
@@ -31,6 +33,7 @@ __all__ = [
     "LoraConfig", "inject", "trainable_parameters", "set_adapter", "delete_adapter", "disabled", "adapter_batch",
     "adapter_names", "active_adapters", "merge", "unmerge", "merge_and_unload", "unload", "merge_state_dict",
     "save_adapter", "load_adapter", "read_adapter_config", "__version__",
+    "combine_adapters", "prepare_hotswap", "hotswap",
 ]
 
 
@@ -42,4 +45,7 @@ def __getattr__(name):
     if name == "optim":
         from . import optim
         return optim
+    if name == "combine_adapters":
+        from .algebra import combine_adapters
+        return combine_adapters
     raise AttributeError(f"module 'lorafit' has no attribute {name!r}")

@@ -14,7 +14,8 @@ import math
 import re
 from typing import Any
 
-INIT_VALUES = ("default", "gaussian")
+INIT_VALUES = ("default", "gaussian", "pissa", "olora")  # also "pissa_niter_K" (K >= 0 power iterations)
+_PISSA_NITER = re.compile(r"pissa_niter_\d+")
 BIAS_VALUES = ("none", "all", "lora_only")
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
@@ -25,7 +26,6 @@ _UNSUPPORTED_PEFT = {
     "layers_pattern": (None, [], ""),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
-    "use_dora": (False, None),
     "layer_replication": (None, []),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False, None),
@@ -71,11 +71,15 @@ class LoraConfig:
         rank_pattern / alpha_pattern: per-module overrides, PEFT's regex-suffix rule.
         use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
         init: "default" (A kaiming-uniform, B zero; embeddings reversed) or "gaussian";
+            "pissa" / "pissa_niter_K" / "olora" (linear layers; they move the top of the base
+            weight into A/B, see `lorafit.variants.init`);
             ``True`` means "default" as in PEFT; ``False`` makes B random too (a non-identity
             adapter, useful for tests).
         bias: "none", "all" (every bias trainable) or "lora_only" (biases of adapted layers).
         modules_to_save: modules trained fully and saved with the adapter (e.g. a new head).
         fan_in_fan_out: None = decided per layer (True for transformers Conv1D).
+        use_dora: weight-decomposed LoRA (DoRA): a trainable magnitude per output, see
+            `lorafit.variants.dora`.
     """
 
     r: int = 8
@@ -90,10 +94,11 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: tuple | None = None
     fan_in_fan_out: bool | None = None
+    use_dora: bool = False
 
     def __init__(self, r=8, alpha=16, dropout=0.0, target_modules=None, exclude_modules=None,
                  rank_pattern=None, alpha_pattern=None, use_rslora=False, init="default", bias="none",
-                 modules_to_save=None, fan_in_fan_out=None, **aliases):
+                 modules_to_save=None, fan_in_fan_out=None, use_dora=False, **aliases):
         values = dict(r=r, alpha=alpha, dropout=dropout, init=init)
         for key, val in aliases.items():
             if key not in ALIASES:
@@ -104,7 +109,7 @@ class LoraConfig:
                       rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
                       use_rslora=bool(use_rslora), bias=bias,
                       modules_to_save=tuple(modules_to_save) if modules_to_save else None,
-                      fan_in_fan_out=fan_in_fan_out)
+                      fan_in_fan_out=fan_in_fan_out, use_dora=bool(use_dora))
         if values["init"] is True:
             values["init"] = "default"
         for key, val in values.items():
@@ -118,8 +123,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoraConfig.dropout must satisfy 0 <= dropout < 1, got {self.dropout!r}")
-        if self.init is not False and self.init not in INIT_VALUES:
-            raise ValueError(f"LoraConfig.init must be one of {INIT_VALUES} (or True/False), got {self.init!r}")
+        if self.init is not False and self.init not in INIT_VALUES and not (
+                isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(f"LoraConfig.init must be one of {INIT_VALUES}, 'pissa_niter_K' or True/False, "
+                             f"got {self.init!r}")
         if self.bias not in BIAS_VALUES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_VALUES}, got {self.bias!r}")
         for field in ("rank_pattern", "alpha_pattern"):
@@ -177,7 +184,7 @@ class LoraConfig:
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "fan_in_fan_out": bool(self.fan_in_fan_out),
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
@@ -205,7 +212,8 @@ class LoraConfig:
                        target_modules=data.get("target_modules"), exclude_modules=data.get("exclude_modules"),
                        rank_pattern=data.get("rank_pattern"), alpha_pattern=data.get("alpha_pattern"),
                        use_rslora=data.get("use_rslora", False), init=init, bias=data.get("bias", "none"),
-                       modules_to_save=data.get("modules_to_save"), fan_in_fan_out=data.get("fan_in_fan_out"))
+                       modules_to_save=data.get("modules_to_save"), fan_in_fan_out=data.get("fan_in_fan_out"),
+                       use_dora=bool(data.get("use_dora") or False))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source}: {exc}") from None
 

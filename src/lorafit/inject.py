@@ -139,6 +139,9 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter: str, only: dic
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         ad.reset(config.init)
+        if config.use_dora or (isinstance(config.init, str) and config.init.startswith(("pissa", "olora"))):
+            from .variants import setup_adapter  # DoRA magnitude, PiSSA/OLoRA: planned, applied on commit
+            setup_adapter(name, wrapper, ad, config)
         plan.append(PlanItem(name, parent, attr, wrapper, is_new, ad))
     return plan
 

@@ -70,6 +70,9 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
         ad = layer.adapters[adapter] if adapter in layer.adapters else None
         if ad is None:
             continue
+        magnitude = getattr(ad, "lora_magnitude_vector", None)  # DoRA, already in PEFT's shape
+        if magnitude is not None:
+            out[f"{name}.lora_magnitude_vector"] = magnitude
         if ad.kind == "embedding":
             out[f"{name}.lora_embedding_A"], out[f"{name}.lora_embedding_B"] = ad.lora_A, ad.lora_B
             continue
@@ -90,8 +93,12 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
 
 
 def save_adapter(model: nn.Module, directory, adapter: str = "default", base_model_name_or_path: str | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, convert_to_lora: bool = False) -> Path:
     """Write adapter `adapter` in PEFT's format to `directory` (created if needed).
+
+    With ``convert_to_lora=True`` a PiSSA/OLoRA adapter is written as the plain LoRA adapter
+    (rank 2r) that gives the same model on the ORIGINAL, unmodified base (see
+    `lorafit.variants.init`).
 
     Files are written to temporary names and renamed, so an interrupted save never leaves a
     corrupt adapter behind.
@@ -104,6 +111,9 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     config = configs[adapter]
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter in layer.adapters]
     tensors = adapter_state(model, adapter)
+    if convert_to_lora:
+        from .variants import convert_to_lora as to_plain_lora
+        tensors, config = to_plain_lora(model, adapter, tensors, config)
     ours = [n for n, layer in layers if layer.adapters[adapter].a_groups > 1]
     if ours:
         warnings.warn(f"adapter {adapter!r} uses lorafit's group-respecting conv form on {len(ours)} grouped conv(s) "
@@ -116,7 +126,7 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
                                target_modules=sorted(n for n, _ in layers))
     data["fan_in_fan_out"] = fan
     meta = {"format": "pt", "lorafit_version": __version__}
-    fp = fingerprint(_base_weights(layers))
+    fp = None if convert_to_lora else fingerprint(_base_weights(layers))  # converted: fits the original base
     if fp:
         meta["lorafit_base_fingerprint"] = fp
     meta.update(metadata or {})
@@ -172,7 +182,8 @@ def read_adapter_tensors(directory, adapter: str = "default") -> tuple[dict[str,
 def _classify(tensors, infos, file) -> tuple[dict, dict]:
     """Split file keys into per-module LoRA tensors {path: {slot: tensor}} and the rest."""
     lora, rest = {}, {}
-    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A",
+                ".lora_embedding_B": "B", ".lora_magnitude_vector": "M"}
     for key, val in tensors.items():
         for suf, slot in suffixes.items():
             if key.endswith(suf):
@@ -233,6 +244,13 @@ def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Mo
                 if "out_A" not in slots or "out_B" not in slots:
                     raise ValueError(f"{file}: MultiheadAttention {item.name!r} lacks its out_proj LoRA weights")
                 pairs += [(slots["out_A"], item.adapter.out.lora_A), (slots["out_B"], item.adapter.out.lora_B)]
+            magnitude = getattr(item.adapter, "lora_magnitude_vector", None)
+            if (magnitude is None) != ("M" not in slots):
+                raise ValueError(f"{file}: module {item.name!r}: " + (
+                    "the file has a DoRA lora_magnitude_vector but the config says use_dora=false"
+                    if magnitude is None else "use_dora is set but the file has no lora_magnitude_vector"))
+            if magnitude is not None:
+                pairs.append((slots["M"], magnitude))
             for (key, src), dst in pairs:
                 if tuple(src.shape) != tuple(dst.shape):
                     raise ValueError(f"{file}: key {key!r} has shape {tuple(src.shape)} but the model needs "

@@ -8,6 +8,7 @@ unloading back to the original module, and quantized bases straightforward.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -70,6 +71,14 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+def check_shareable(live) -> None:
+    """Several live adapters on one layer: refuse variants that must be alone (DoRA rescales the base)."""
+    for ad in live:
+        if getattr(ad.variant, "exclusive", False):
+            raise ValueError(f"a {ad.variant.name} adapter cannot be active together with other adapters "
+                             "on one layer")
 
 
 class LoraLayer(nn.Module):
@@ -142,11 +151,14 @@ class LoraLayer(nn.Module):
             return
         if getattr(self.adapters[name].variant, "merge", None) is not None:  # DoRA: W' = m / ||W + dW|| (W + dW)
             return self.adapters[name].variant.merge(self, name, safe)
-        weight = self.base_weight()
         delta = self.delta_weight(self.adapters[name])
         if getattr(self.base_layer, "lorafit_quantized", False):
-            self.base_layer.merge_delta_(delta)
+            # re-quantizing loses precision: report the error it added (merge_and_unload avoids this)
+            self.merge_error = float(self.base_layer.merge_delta_(delta))
+            logging.getLogger("lorafit").info("merged %r into a quantized base: max abs error added %.3g",
+                                              name, self.merge_error)
         else:
+            weight = self.base_weight()
             with torch.no_grad():
                 new = weight.float() + delta.float()
                 if safe and not torch.isfinite(new).all():

@@ -25,6 +25,8 @@ def _stacks(layer, dtype, device, build):
     key = (dtype, device)
     if key not in cache:
         adapters = [layer.adapters[n] if n in layer.adapters else None for n in layer._batch["names"]]
+        if any(a is not None and getattr(a.variant, "exclusive", False) for a in adapters):
+            raise ValueError("adapter_batch does not support DoRA adapters (the magnitude rescales the base)")
         with torch.no_grad():
             cache[key] = build(adapters, dtype, device) if any(a is not None for a in adapters) else None
     return cache[key]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoraAdapter, LoraLayer, master_dtype
+from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
 from .batched import batched_conv_delta
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -84,6 +84,10 @@ class ConvLora(LoraLayer):
             if self.disabled and self.merged:
                 raise RuntimeError("adapters are merged into this layer; unmerge before disabling them")
             return self.base_layer(x)
+        if len(live) == 1 and live[0].variant is not None:  # DoRA (lorafit.variants.dora)
+            return live[0].variant.forward(self, live[0], x)
+        if len(live) > 1:
+            check_shareable(live)
         y = self.base_layer(x)
         if len(live) == 1 or any(ad.dropout > 0 or ad.a_groups != live[0].a_groups for ad in live):
             for ad in live:  # one adapter (the usual case); or mixed forms / dropouts

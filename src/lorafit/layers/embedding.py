@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import LoraAdapter, LoraLayer, master_dtype
+from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
 from .batched import batched_embedding_delta
 
 
@@ -38,11 +38,14 @@ class EmbeddingLora(LoraLayer):
             if self.disabled and self.merged:
                 raise RuntimeError("adapters are merged into this layer; unmerge before disabling them")
             return self.base_layer(ids)
+        if len(live) == 1 and live[0].variant is not None:  # DoRA (lorafit.variants.dora)
+            return live[0].variant.forward(self, live[0], ids)
         y = self.base_layer(ids)
         if len(live) == 1:
             ad = live[0]
             a, b = ad.lora_A, ad.lora_B * ad.scaling
         else:
+            check_shareable(live)
             a, b = self._cat_live()
         # dropout is not applied to token ids (PEFT does the same for embeddings)
         xa = self._lookup(ids, a.t().to(y.dtype))  # [..., r]

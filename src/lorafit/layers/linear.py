@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import lora_add_, lora_linear
-from .base import LoraAdapter, LoraLayer, master_dtype
+from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
 from .batched import batched_linear_delta
 
 
@@ -74,8 +74,10 @@ class LinearLora(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if len(live) == 1:
             ad = live[0]
+            if ad.variant is not None:  # DoRA / hot-swap (lorafit.variants); plain LoRA only reads the flag
+                return ad.variant.forward(self, ad, x, *args, **kwargs)
             a, b, s, p = ad.lora_A, ad.lora_B, ad.scaling, ad.dropout
-        elif all(ad.dropout == 0 for ad in live):
+        elif check_shareable(live) or all(ad.dropout == 0 for ad in live):
             (a, b), s, p = self._cat_live(), 1.0, 0.0
         else:  # several active adapters with their own dropout: rare, and only in training
             y = self.base_layer(x, *args, **kwargs)
