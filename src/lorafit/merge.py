@@ -115,6 +115,10 @@ def merge_state_dict(state: dict[str, torch.Tensor], adapter: dict[str, torch.Te
     Returns:
         a new dict; the input dicts are not modified. Linear/conv (groups=1) layers only.
     """
+    dora = [k for k in adapter if k.endswith("lora_magnitude_vector")]
+    if dora:
+        raise ValueError(f"merge_state_dict does not merge DoRA adapters (key {dora[0]!r}); "
+                         "load the adapter into the model and use merge_and_unload")
     out = dict(state)
     for key, a in adapter.items():
         if not key.endswith(".lora_A.weight"):

@@ -179,3 +179,20 @@ def test_mha_out_proj_is_not_wrapped_alone():
         with lorafit.disabled(layer):
             base = layer(x)
         assert not torch.allclose(layer(x), base, atol=1e-4)
+
+
+def test_merge_state_dict_matches_merge_and_unload(tmp_path):
+    model = tiny_llama()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    lorafit.inject(model, lorafit.LoraConfig(r=4, alpha=6, target_modules="all-linear", init=False))
+    lorafit.save_adapter(model, tmp_path)
+    from lorafit.io import read_adapter_tensors
+    tensors, _ = read_adapter_tensors(tmp_path)
+    scalings = {n: m.adapters["default"].scaling for n, m in model.named_modules() if hasattr(m, "adapters")}
+    offline = lorafit.merge_state_dict(base_state, tensors, scalings)
+    merged = lorafit.merge_and_unload(model).state_dict()
+    assert offline.keys() == merged.keys()
+    for k in merged:
+        torch.testing.assert_close(offline[k], merged[k], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="DoRA"):
+        lorafit.merge_state_dict(base_state, {"x.lora_magnitude_vector": torch.ones(3)}, {})
