@@ -196,3 +196,20 @@ def test_merge_state_dict_matches_merge_and_unload(tmp_path):
         torch.testing.assert_close(offline[k], merged[k], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="DoRA"):
         lorafit.merge_state_dict(base_state, {"x.lora_magnitude_vector": torch.ones(3)}, {})
+
+
+def test_adapter_batch_cache_follows_weight_updates():
+    """Stacks are cached across blocks, but a changed adapter weight must be seen."""
+    model = two_adapter_tiny()
+    ids = torch.randint(0, 20, (2, 4))
+    names = ["b", "default"]
+    with torch.no_grad():
+        with lorafit.adapter_batch(model, names):
+            first = model(ids)
+        model.lin.adapters["b"].lora_B.add_(1.0)
+        with lorafit.adapter_batch(model, names):
+            second = model(ids)
+        lorafit.set_adapter(model, "b")
+        want = model(ids)
+    assert not torch.allclose(first[0], second[0])
+    torch.testing.assert_close(second[0], want[0], atol=1e-5, rtol=0)

@@ -21,15 +21,29 @@ def _rows(layer, n_rows: int) -> torch.Tensor:
 
 
 def _stacks(layer, dtype, device, build):
-    cache = layer._batch.setdefault("cache", {})
-    key = (dtype, device)
-    if key not in cache:
-        adapters = [layer.adapters[n] if n in layer.adapters else None for n in layer._batch["names"]]
-        if any(a is not None and getattr(a.variant, "exclusive", False) for a in adapters):
-            raise ValueError("adapter_batch does not support DoRA adapters (the magnitude rescales the base)")
-        with torch.no_grad():
-            cache[key] = build(adapters, dtype, device) if any(a is not None for a in adapters) else None
-    return cache[key]
+    """The layer's stacked weights for this batch's names, cached across `adapter_batch` blocks.
+
+    The cache lives on the layer (not in the per-block dict) and is keyed by names, dtype and
+    device; it is rebuilt only when an adapter weight changed (parameter version counters, so
+    a training step or a load invalidates it) - re-stacking on every block cost more than the
+    batched matmuls themselves for one-token decoding.
+    """
+    names = layer._batch["names"]
+    adapters = [layer.adapters[n] if n in layer.adapters else None for n in names]
+    versions = tuple(v for a in adapters if a is not None for v in (
+        a.lora_A._version, a.lora_B._version, a.scaling if isinstance(a.scaling, float) else a.scaling._version))
+    key = (names, dtype, device, build)
+    cache = layer.__dict__.setdefault("_stack_cache", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions and all(x is y for x, y in zip(hit[1], adapters)):
+        return hit[2]
+    if any(a is not None and getattr(a.variant, "exclusive", False) for a in adapters):
+        raise ValueError("adapter_batch does not support DoRA adapters (the magnitude rescales the base)")
+    with torch.no_grad():
+        stacks = build(adapters, dtype, device) if any(a is not None for a in adapters) else None
+    cache.clear()  # one entry per layer: the names of the current mixed batch
+    cache[key] = (versions, adapters, stacks)
+    return stacks
 
 
 def _linear_stacks(adapters, dtype, device):

@@ -1,0 +1,848 @@
+"""LoRA training-step and inference benchmark: lorafit vs PEFT vs the frozen floor, in ONE process.
+
+One Llama-shaped model (transformers LlamaConfig, random weights, sdpa attention) is built once;
+every method runs on the same base weights:
+
+training step (forward + backward + AdamW, input_ids as labels):
+    frozen floor   no adapters, every weight frozen, embedding output requires grad
+                   (``enable_input_require_grads``), no optimizer: the cost a LoRA step cannot beat
+    lorafit        ``lorafit.inject`` r=16 alpha=32 all-linear, dropout 0
+    PEFT           ``peft.get_peft_model`` with the same config (dropout 0)
+    20-line LoRA   ``base(x) + B(A(x)) * s``, adapters in the model dtype (the anchor's MiniLoRA)
+    full FT        every weight trainable
+inference (eval, no_grad, use_cache=False), prefill and one token per row:
+    base, lorafit unmerged, PEFT unmerged, merged (lorafit.merge_and_unload), 8 adapters mixed in
+    one batch (lorafit ``adapter_batch`` vs PEFT ``adapter_names``).
+
+Before timing, a correctness check compares lorafit and PEFT with identical, non-zero adapter
+weights (logits, loss, adapter gradients, merged and mixed-batch outputs); a failure is printed
+and recorded in the JSON, so a fast-but-wrong run cannot pass unnoticed.
+
+    python benchmarks/train_step.py --device cpu --size small            # < 3 min on 2 cores
+    python benchmarks/train_step.py --device cuda --size 1b --out $OUT   # GPU run (bf16, 4 x 2048)
+
+On CPU the methods are interleaved (one step of each per round, rotating the order) and ratios
+are medians of per-round ratios, so load from other processes hits every method alike. On CUDA
+each method runs in its own block (in place on one model, unwrapped afterwards) so that
+``torch.cuda.max_memory_allocated`` is comparable across methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+R, ALPHA = 16, 32
+N_ADAPTERS, INFER_ROWS = 8, 16
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# size -> (LlamaConfig kwargs, (train batch, train seq), inference prefill seq)
+SIZES = {
+    # a CPU shape: the whole --device cpu run stays under 3 minutes on 2 cores
+    "small": (dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=6,
+                   num_key_value_heads=2, vocab_size=4096), (1, 256), 32),
+    # TinyLlama-1.1B shape
+    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000), (4, 2048), 512),
+    # Llama-3-8B shape
+    "8b": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256), (1, 4096), 512),
+}
+
+
+# ----------------------------------------------------------------------------- the 20-line LoRA
+class MiniLoRA(nn.Module):
+    """y = W x + s * B(A(x)): the plainest honest LoRA linear (adapters in the base dtype)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        w = base.weight
+        self.base = base
+        self.A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.s = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.s
+
+
+def minilora_wrap(model):
+    for mod in list(model.modules()):
+        for n in PROJ:
+            child = getattr(mod, n, None)
+            if isinstance(child, nn.Linear):
+                setattr(mod, n, MiniLoRA(child, R, ALPHA))
+    return model
+
+
+def minilora_unwrap(model):
+    for mod in list(model.modules()):
+        for n, child in list(mod.named_children()):
+            if isinstance(child, MiniLoRA):
+                setattr(mod, n, child.base)
+    return model
+
+
+# ----------------------------------------------------------------------------- helpers
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(dev):
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
+def lf_config():
+    import lorafit
+    return lorafit.LoraConfig(r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear")
+
+
+def peft_config():
+    from peft import LoraConfig
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def lora_layer_names(model):
+    from lorafit.layers import LoraLayer
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def peft_layer_names(pm):
+    from peft.tuners.lora import LoraLayer
+    inner = pm.base_model.model
+    return [n for n, m in inner.named_modules() if isinstance(m, LoraLayer)]
+
+
+def make_adapter_weights(model, names, seed=1234):
+    """Non-zero A and B per adapter and layer (fp32), PEFT's ``init_lora_weights=False`` style."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in PROJ}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        per = {}
+        for ln, lin in layers.items():
+            a = (torch.rand(R, lin.in_features, generator=g) * 2 - 1) / math.sqrt(lin.in_features)
+            b = (torch.rand(lin.out_features, R, generator=g) * 2 - 1) / math.sqrt(R)
+            per[ln] = (a, b)  # kept on the CPU: nothing extra resident on the GPU while peaks are measured
+        out[name] = per
+    return out
+
+
+def lorafit_model(base, weights, active):
+    """deepcopy(base) with one lorafit adapter per key of `weights` (values copied in), `active` on."""
+    import lorafit
+    m = copy.deepcopy(base)
+    for name in weights:
+        lorafit.inject(m, lf_config(), adapter=name)
+    mods = dict(m.named_modules())
+    with torch.no_grad():
+        for name, per in weights.items():
+            for ln, (a, b) in per.items():
+                ad = mods[ln].adapters[name]
+                ad.lora_A.copy_(a)
+                ad.lora_B.copy_(b)
+    lorafit.set_adapter(m, active)
+    return m
+
+
+def peft_model(base, weights, active, copy_base=True):
+    from peft import get_peft_model
+    names = list(weights)
+    pm = get_peft_model(copy.deepcopy(base) if copy_base else base, peft_config(), adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, peft_config())
+    mods = dict(pm.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, per in weights.items():
+            for ln, (a, b) in per.items():
+                mods[ln].lora_A[name].weight.copy_(a)
+                mods[ln].lora_B[name].weight.copy_(b)
+    pm.set_adapter(active)
+    return pm
+
+
+def saved_bytes(model, ids):
+    """Bytes autograd keeps for backward during one training forward: unique storages, no params/buffers."""
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    del out
+    return sum(seen.values()), len(seen)
+
+
+def fingerprint(model):
+    """Per-parameter sums (fp64, on the CPU): detects any change to the shared base weights."""
+    with torch.no_grad():
+        return torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).cpu()
+
+
+def rel_err(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- training variants
+class TrainVariant:
+    """build(model) modifies `model` in place and returns (module to call, trainable params, undo)."""
+
+    def __init__(self, key, label, build):
+        self.key, self.label, self.build = key, label, build
+
+
+def build_floor(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, [], lambda m: m
+
+
+def build_lorafit(model):
+    import lorafit
+    lorafit.inject(model, lf_config())
+    return model, [p for p in model.parameters() if p.requires_grad], lambda m: lorafit.unload(m)
+
+
+def build_peft(model):
+    from peft import get_peft_model
+    pm = get_peft_model(model, peft_config())
+    return pm, [p for p in pm.parameters() if p.requires_grad], lambda m: m.unload()
+
+
+def build_minilora(model):
+    minilora_wrap(model)
+    return model, [p for p in model.parameters() if p.requires_grad], minilora_unwrap
+
+
+def build_full(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def undo(m):
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+    return model, list(model.parameters()), undo
+
+
+TRAIN = [
+    TrainVariant("frozen_floor", "frozen floor", build_floor),
+    TrainVariant("lorafit", "lorafit", build_lorafit),
+    TrainVariant("peft", "PEFT", build_peft),
+    TrainVariant("minilora", "20-line LoRA", build_minilora),
+    TrainVariant("full_ft", "full fine-tuning", build_full),  # last: it changes the weights
+]
+
+
+def make_step(module, params, ids):
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+
+    def step():
+        out = module(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(fn, dev, cpu_times=None):
+    sync(dev)
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    sync(dev)
+    t = time.perf_counter() - t0
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - c0)
+    return t
+
+
+def interleaved(fns: dict, dev, warmup, iters):
+    """One call of each per round, order rotated per round.
+
+    Returns (wall, cpu): name -> seconds per round, wall clock and this process's CPU time. With
+    one thread, CPU time leaves out the time the OS gave other processes: steadier on a shared box.
+    """
+    keys = list(fns)
+    for _ in range(warmup):
+        for k in keys:
+            fns[k]()
+    times, cpu = {k: [] for k in keys}, {k: [] for k in keys}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(iters):
+            order = keys[i % len(keys):] + keys[: i % len(keys)]
+            if (i // len(keys)) % 2:
+                order = order[::-1]
+            for k in order:
+                times[k].append(timed(fns[k], dev, cpu[k]))
+    finally:
+        gc.enable()
+    return times, cpu
+
+
+def sequential(fn, dev, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    gc.disable()
+    try:
+        times = [timed(fn, dev) for _ in range(iters)]
+    finally:
+        gc.enable()
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+    return times, peak
+
+
+def summarize(times, tokens):
+    med = statistics.median(times)
+    return {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "tokens_per_s": tokens / med,
+            "times_ms": [round(t * 1e3, 3) for t in times]}
+
+
+def paired_ratio(times, ref):
+    """Median over rounds of t / t_ref (same round): robust to load that drifts between rounds."""
+    return statistics.median(a / b for a, b in zip(times, ref))
+
+
+def run_train(base, ids, dev, args, schedule, base_fp=None):
+    tokens = ids.numel()
+    res = {}
+    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+    if schedule == "interleaved":
+        fns, keep = {}, []
+        for v in TRAIN:
+            module, params, _ = v.build(copy.deepcopy(base))
+            module.train()
+            nbytes, nst = saved_bytes(module, ids)
+            res[v.key] = {"trainable": sum(p.numel() for p in params), "saved_bytes": nbytes, "saved_storages": nst,
+                          "peak_bytes": None}
+            fns[v.key] = make_step(module, params, ids)
+            keep.append(module)
+        free(dev)
+        times, cpu = interleaved(fns, dev, args.warmup, args.iters)
+        for k, t in times.items():
+            res[k].update(summarize(t, tokens))
+            res[k]["x_floor_paired"] = paired_ratio(t, times["frozen_floor"])
+            res[k]["cpu_median_ms"] = statistics.median(cpu[k]) * 1e3
+            res[k]["x_floor_paired_cpu"] = paired_ratio(cpu[k], cpu["frozen_floor"])
+        if base_fp is not None:
+            res["_base_unchanged"] = bool(torch.equal(fingerprint(base), base_fp))
+        res["_paired"] = {"lorafit_over_peft": paired_ratio(times["lorafit"], times["peft"]),
+                          "lorafit_over_minilora": paired_ratio(times["lorafit"], times["minilora"]),
+                          "lorafit_over_peft_cpu": paired_ratio(cpu["lorafit"], cpu["peft"]),
+                          "lorafit_over_minilora_cpu": paired_ratio(cpu["lorafit"], cpu["minilora"])}
+        del fns, keep
+    else:  # sequential, in place on one model (no extra copy counted in the CUDA peak)
+        model = base
+        for v in TRAIN:
+            free(dev)
+            if v.key == "full_ft" and base_fp is not None:  # the adapters before it were unwrapped cleanly
+                res["_base_unchanged"] = bool(torch.equal(fingerprint(model), base_fp))
+            module, params, undo = v.build(model)
+            module.train()
+            entry = {"trainable": sum(p.numel() for p in params)}
+            step = None
+            try:
+                entry["saved_bytes"], entry["saved_storages"] = saved_bytes(module, ids)
+                free(dev)
+                step = make_step(module, params, ids)
+                t, peak = sequential(step, dev, args.warmup, args.iters)
+                entry.update(summarize(t, tokens))
+                entry["peak_bytes"] = peak
+            except oom:
+                entry["error"] = "OOM"
+                print(f"  {v.label}: OOM", flush=True)
+            step = None  # frees the optimizer state before the next method
+            for p in params:
+                p.grad = None
+            del params
+            model = undo(module)
+            del module
+            res[v.key] = entry
+            print(f"  {v.label:18s} {entry.get('median_ms', float('nan')):9.1f} ms", flush=True)
+        free(dev)
+    floor = res["frozen_floor"]
+    for k, e in res.items():
+        if k.startswith("_") or not isinstance(e, dict) or "median_ms" not in e:
+            continue
+        e["x_floor"] = e["median_ms"] / floor["median_ms"]
+        e["saved_x_floor"] = e["saved_bytes"] / floor["saved_bytes"]
+        if e.get("peak_bytes") and floor.get("peak_bytes"):
+            e["peak_x_floor"] = e["peak_bytes"] / floor["peak_bytes"]
+    return res
+
+
+# ----------------------------------------------------------------------------- inference variants
+def run_infer(base, weights, prefill, onetok, dev, args, schedule):
+    import lorafit
+    names = [f"a{i % N_ADAPTERS}" for i in range(prefill.shape[0])]
+
+    def fwd(m, x):
+        return lambda: m(input_ids=x, use_cache=False)
+
+    def mixed_lf(m, x):
+        def f():
+            with lorafit.adapter_batch(m, names):
+                return m(input_ids=x, use_cache=False)
+        return f
+
+    # builders: key -> (label, build() -> (model, {"prefill": fn, "1tok": fn}, cleanup))
+    def b_base():
+        return base, {"prefill": fwd(base, prefill), "1tok": fwd(base, onetok)}, None
+
+    def b_lf():
+        m = lorafit_model(base, weights, "a0").eval()
+        return m, {"prefill": fwd(m, prefill), "1tok": fwd(m, onetok)}, None
+
+    def b_peft():
+        m = peft_model(base, weights, "a0").eval()
+        return m, {"prefill": fwd(m, prefill), "1tok": fwd(m, onetok)}, None
+
+    def b_merged():
+        m = lorafit.merge_and_unload(lorafit_model(base, {"a0": weights["a0"]}, "a0")).eval()
+        return m, {"prefill": fwd(m, prefill), "1tok": fwd(m, onetok)}, None
+
+    def b_lf_mixed():
+        m = lorafit_model(base, weights, "a0").eval()
+        return m, {"prefill": mixed_lf(m, prefill), "1tok": mixed_lf(m, onetok)}, None
+
+    def b_lf_mixed_reuse():
+        # the stacked per-adapter weights are built on the first forward in an adapter_batch
+        # context; here one context stays open, so only the gathered matmuls are timed
+        m = lorafit_model(base, weights, "a0").eval()
+        stack = contextlib.ExitStack()
+        stack.enter_context(lorafit.adapter_batch(m, names))
+        return m, {"prefill": fwd(m, prefill), "1tok": fwd(m, onetok)}, stack.close
+
+    def b_peft_mixed():
+        m = peft_model(base, weights, "a0").eval()
+        return m, {"prefill": lambda: m(input_ids=prefill, use_cache=False, adapter_names=names),
+                   "1tok": lambda: m(input_ids=onetok, use_cache=False, adapter_names=names)}, None
+
+    variants = [("base", "base", b_base), ("lorafit", "lorafit unmerged", b_lf),
+                ("peft", "PEFT unmerged", b_peft), ("merged", "merged (lorafit)", b_merged),
+                ("lorafit_mixed8", "lorafit 8 mixed", b_lf_mixed),
+                ("lorafit_mixed8_ctx", "lorafit 8 mixed, ctx kept", b_lf_mixed_reuse),
+                ("peft_mixed8", "PEFT 8 mixed", b_peft_mixed)]
+    toks = {"prefill": prefill.numel(), "1tok": onetok.numel()}
+    res = {}
+    with torch.no_grad():
+        if schedule == "interleaved":
+            fns, cleanups, keep = {}, [], []
+            for key, _, b in variants:
+                m, fs, cleanup = b()
+                keep.append(m)
+                for ph, f in fs.items():
+                    fns[(key, ph)] = f
+                if cleanup:
+                    cleanups.append(cleanup)
+            times, cpu = interleaved(fns, dev, args.warmup, args.iters)
+            for (key, ph), t in times.items():
+                e = res.setdefault(key, {})
+                e[ph] = summarize(t, toks[ph])
+                e[ph]["x_base_paired"] = paired_ratio(t, times[("base", ph)])
+                e[ph]["cpu_median_ms"] = statistics.median(cpu[(key, ph)]) * 1e3
+                e[ph]["x_base_paired_cpu"] = paired_ratio(cpu[(key, ph)], cpu[("base", ph)])
+            for c in cleanups:
+                c()
+            del fns, keep
+        else:
+            for key, label, b in variants:
+                free(dev)
+                m, fs, cleanup = b()
+                e = res.setdefault(key, {})
+                for ph, f in fs.items():
+                    t, _ = sequential(f, dev, args.warmup, args.iters)
+                    e[ph] = summarize(t, toks[ph])
+                if cleanup:
+                    cleanup()
+                print(f"  {label:26s} prefill {e['prefill']['median_ms']:8.2f} ms  "
+                      f"1tok {e['1tok']['median_ms']:8.2f} ms", flush=True)
+                del m, fs
+            free(dev)
+    for e in res.values():
+        for ph in toks:
+            e[ph]["x_base"] = e[ph]["median_ms"] / res["base"][ph]["median_ms"]
+    res["_labels"] = {k: lbl for k, lbl, _ in variants}
+    return res
+
+
+# ----------------------------------------------------------------------------- correctness
+def _measure(kind, model, ids_c, prefill_c, names):
+    """Outputs of one adapted model (8 adapters, a0 active), all as fp32 CPU tensors.
+
+    train: logits, loss and a0's adapter gradients on ids_c; eval: a0 logits on prefill_c, the
+    mixed batch (row i uses names[i]) and, for lorafit, the merge_and_unload model.
+    """
+    import lorafit
+    out = {}
+    call = model
+    if kind == "lorafit":
+        wanted = set(lora_layer_names(model))
+        mods = {n: m for n, m in model.named_modules() if n in wanted}
+        grad_of = lambda n, which: getattr(mods[n].adapters["a0"], which).grad  # noqa: E731
+    else:
+        wanted = set(peft_layer_names(model))
+        mods = {n: m for n, m in model.base_model.model.named_modules() if n in wanted}
+        grad_of = lambda n, which: getattr(mods[n], which)["a0"].weight.grad  # noqa: E731
+    out["layers"] = sorted(mods)
+    model.train()
+    o = call(input_ids=ids_c, labels=ids_c)
+    o.loss.backward()
+    out["train logits"] = o.logits.detach().float().cpu()
+    out["train loss"] = o.loss.detach().float().cpu().reshape(1)
+    for which in ("lora_A", "lora_B"):
+        out[f"grad {which}"] = torch.cat([grad_of(n, which).detach().float().flatten().cpu() for n in out["layers"]])
+    del o
+    model.eval()
+    with torch.no_grad():
+        out["eval logits"] = call(input_ids=prefill_c, use_cache=False).logits.float().cpu()
+        if kind == "lorafit":
+            with lorafit.adapter_batch(model, names):
+                out["8 mixed adapters"] = model(input_ids=prefill_c, use_cache=False).logits.float().cpu()
+            lorafit.merge_and_unload(model)
+            out["no lorafit module left"] = not [n for n, m in model.named_modules()
+                                                if type(m).__module__.startswith("lorafit")]
+            out["merged logits"] = model(input_ids=prefill_c, use_cache=False).logits.float().cpu()
+        else:
+            mixed = call(input_ids=prefill_c, use_cache=False, adapter_names=names)
+            out["8 mixed adapters"] = mixed.logits.float().cpu()
+    return out
+
+
+def run_checks(base, weights, ids, prefill, dev, dtype):
+    """lorafit vs PEFT with identical non-zero adapter weights (8 adapters, a0 active).
+
+    fp32: lorafit must equal PEFT (rel. error <= 1e-4). Low precision (bf16): both are compared
+    with PEFT run in fp32 on the same weights, and lorafit's error must stay within
+    max(2 x PEFT's own error, 1e-2) - lorafit runs the LoRA term in bf16 by design, PEFT upcasts.
+    Returns a list of check dicts (ok=False flags a fast-but-wrong run).
+    """
+    names = [f"a{i % N_ADAPTERS}" for i in range(prefill.shape[0])]
+    ids_c = ids[:1, : min(ids.shape[1], 128)]
+    prefill_c = prefill[:, : min(prefill.shape[1], 32)]
+    res = {}
+    m = lorafit_model(base, weights, "a0")
+    res["lorafit"] = _measure("lorafit", m, ids_c, prefill_c, names)
+    del m
+    free(dev)
+    m = peft_model(base, weights, "a0")
+    res["peft"] = _measure("peft", m, ids_c, prefill_c, names)
+    del m
+    free(dev)
+    if dtype == torch.float32:
+        ref = res["peft"]
+    else:
+        m = peft_model(copy.deepcopy(base).float(), weights, "a0", copy_base=False)
+        ref = _measure("peft", m, ids_c, prefill_c, names)
+        del m
+        free(dev)
+    with torch.no_grad():
+        base_train = base(input_ids=ids_c, use_cache=False).logits.float().cpu()
+        base_eval = base(input_ids=prefill_c, use_cache=False).logits.float().cpu()
+    lf, pe = res["lorafit"], res["peft"]
+    checks = [{"check": "same adapted layers", "lorafit": len(lf["layers"]), "peft": len(pe["layers"]),
+               "ok": lf["layers"] == pe["layers"] and len(lf["layers"]) > 0},
+              {"check": "merge_and_unload leaves no lorafit module", "ok": lf["no lorafit module left"]}]
+    effects = {"train logits": rel_err(ref["train logits"], base_train),
+               "eval logits": rel_err(ref["eval logits"], base_eval),
+               # the mixed rows must differ from everyone-on-a0, else the mixed check proves nothing
+               "8 mixed adapters": rel_err(ref["8 mixed adapters"], ref["eval logits"])}
+    for key, ours in (("train logits", "train logits"), ("train loss", "train loss"), ("grad lora_A", "grad lora_A"),
+                      ("grad lora_B", "grad lora_B"), ("eval logits", "eval logits"),
+                      ("8 mixed adapters", "8 mixed adapters"), ("merged", "merged logits")):
+        theirs = "eval logits" if key == "merged" else key
+        err = rel_err(lf[ours], ref[theirs])
+        peft_err = rel_err(pe[theirs], ref[theirs]) if ref is not pe else 0.0
+        tol = 1e-4 if dtype == torch.float32 else max(2 * peft_err, 1e-2)
+        effect = effects.get(key)
+        ok = err <= tol and (effect is None or effect > 10 * tol)
+        checks.append({"check": f"{key}: lorafit vs " + ("PEFT" if ref is pe else "PEFT fp32"), "rel_err": err,
+                       "peft_rel_err": peft_err if ref is not pe else None, "tol": tol, "adapter_effect": effect,
+                       "ok": bool(ok)})
+    return checks
+
+
+# ----------------------------------------------------------------------------- report
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def print_report(meta, train, infer, checks, targets):
+    dev = meta["device"]
+    paired = meta["schedule"] == "interleaved"
+    print()
+    print(f"== {meta['device_name']} | size {meta['size']} ({meta['params']/1e6:,.1f}M params, {meta['dtype']}) | "
+          f"torch {meta['torch']} transformers {meta['transformers']} peft {meta['peft']} | {meta['schedule']} | "
+          f"{meta['date']}")
+    la = meta.get("loadavg_start")
+    if dev == "cpu" and la and max(la[0], (meta.get("loadavg_end") or la)[0]) > meta["cpu_count"]:
+        print(f"note: load average {la[0]} -> {meta['loadavg_end'][0]} on {meta['cpu_count']} CPUs: other processes "
+              f"competed for the cores; trust the paired ratios over the absolute times")
+    if train:
+        mem_col = "peak MiB" if dev == "cuda" else "saved MiB"
+        print(f"training step, {meta['train_batch']} x {meta['train_seq']} tokens, r={R} alpha={ALPHA} all-linear")
+        hdr = f"{'method':18s} {'median ms':>10s} {'min ms':>9s} {'x floor':>8s}"
+        hdr += f" {'paired':>7s} {'cpu ms':>8s} {'paired':>7s}" if paired else ""
+        hdr += f" {mem_col:>10s} {'x floor':>8s} {'tokens/s':>10s} {'trainable':>12s}"
+        print(hdr)
+        for v in TRAIN:
+            e = train.get(v.key, {})
+            if "median_ms" not in e:
+                print(f"{v.label:18s} {e.get('error', 'n/a'):>10s}")
+                continue
+            mem = e["peak_bytes"] if dev == "cuda" else e["saved_bytes"]
+            memx = e.get("peak_x_floor") if dev == "cuda" else e["saved_x_floor"]
+            line = f"{v.label:18s} {e['median_ms']:10.1f} {e['min_ms']:9.1f} {e['x_floor']:8.2f}"
+            line += f" {e['x_floor_paired']:7.2f} {e['cpu_median_ms']:8.1f} {e['x_floor_paired_cpu']:7.2f}" \
+                if paired else ""
+            line += f" {fmt_bytes(mem):>10s} {memx if memx is not None else float('nan'):8.2f} " \
+                    f"{e['tokens_per_s']:10,.0f} {e['trainable']:12,d}"
+            print(line)
+        if dev == "cuda":
+            print("(saved for backward, MiB: " + ", ".join(
+                f"{v.label} {fmt_bytes(train[v.key].get('saved_bytes'))}" for v in TRAIN if v.key in train) + ")")
+        if paired:
+            pr = train["_paired"]
+            print(f"paired per-round ratios, wall (cpu time): lorafit / PEFT {pr['lorafit_over_peft']:.3f} "
+                  f"({pr['lorafit_over_peft_cpu']:.3f}), lorafit / 20-line LoRA {pr['lorafit_over_minilora']:.3f} "
+                  f"({pr['lorafit_over_minilora_cpu']:.3f})")
+        print()
+    if infer:
+        pf, ot = meta["infer_prefill"], meta["infer_1tok"]
+        print(f"inference (eval, no_grad), {N_ADAPTERS} adapters for the mixed rows (row i uses a[i % {N_ADAPTERS}])")
+        print(f"{'method':26s} {'prefill ' + pf:>14s} {'x base':>7s}" + (f" {'paired':>7s}" if paired else "")
+              + f" {'1 tok ' + ot:>12s} {'x base':>7s}" + (f" {'paired':>7s}" if paired else ""))
+        for key, label in infer["_labels"].items():
+            e = infer[key]
+            line = f"{label:26s} {e['prefill']['median_ms']:11.2f} ms {e['prefill']['x_base']:7.2f}"
+            line += f" {e['prefill']['x_base_paired']:7.2f}" if paired else ""
+            line += f" {e['1tok']['median_ms']:9.2f} ms {e['1tok']['x_base']:7.2f}"
+            line += f" {e['1tok']['x_base_paired']:7.2f}" if paired else ""
+            print(line)
+        print()
+    if checks:
+        bad = [c for c in checks if not c["ok"]]
+        print(f"correctness (lorafit vs PEFT with identical non-zero adapters; rel err = |a-b| / |b|): "
+              f"{'all ' + str(len(checks)) + ' checks pass' if not bad else str(len(bad)) + ' FAILED'}")
+        for c in checks:
+            if "rel_err" in c:
+                eff = f"  adapter effect {c['adapter_effect']:.2e}" if c.get("adapter_effect") is not None else ""
+                pe = f"  (PEFT's own {c['peft_rel_err']:.2e})" if c.get("peft_rel_err") is not None else ""
+                print(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['check']:38s} rel err {c['rel_err']:.2e}"
+                      f" <= {c['tol']:.1e}{pe}{eff}")
+            else:
+                print(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['check']}")
+        print()
+    if targets:
+        print("targets (issue 2, section 4):")
+        for t in targets:
+            print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']:46s} {t['value']}")
+
+
+def compute_targets(dev, train, infer):
+    t = []
+
+    def add(target, value, met):
+        t.append({"target": target, "value": value, "met": bool(met)})
+
+    lf, pe, mini = train["lorafit"], train["peft"], train["minilora"]
+    if "median_ms" not in lf or "median_ms" not in pe:
+        return t
+    if dev == "cpu":
+        pr = train.get("_paired", {})
+        ratio = pr.get("lorafit_over_peft", lf["median_ms"] / pe["median_ms"])
+        value = f"{ratio:.3f}x" + (f" (cpu time {pr['lorafit_over_peft_cpu']:.3f}x)" if pr else "")
+        add("step <= 0.95x PEFT's" + (" (paired, wall clock)" if pr else ""), value, ratio <= 0.95)
+        add("saved for backward <= PEFT's", f"{lf['saved_bytes'] / 2**20:.1f} vs {pe['saved_bytes'] / 2**20:.1f} MiB",
+            lf["saved_bytes"] <= pe["saved_bytes"])
+    else:
+        add("step <= 1.10x floor", f"{lf['x_floor']:.3f}x", lf["x_floor"] <= 1.10)
+        if lf.get("peak_bytes") and mini.get("peak_bytes"):
+            add("peak <= 20-line LoRA's", f"{lf['peak_bytes'] / 2**30:.2f} vs {mini['peak_bytes'] / 2**30:.2f} GiB",
+                lf["peak_bytes"] <= mini["peak_bytes"])
+        if "median_ms" in train["full_ft"]:
+            add("faster than full fine-tuning", f"{lf['median_ms']:.1f} vs {train['full_ft']['median_ms']:.1f} ms",
+                lf["median_ms"] < train["full_ft"]["median_ms"])
+        for ph in ("prefill", "1tok"):
+            x = infer["lorafit"][ph]["x_base"]
+            add(f"unmerged inference <= 1.10x base ({ph})", f"{x:.3f}x", x <= 1.10)
+            x = infer["merged"][ph]["x_base"]
+            add(f"merged = base ({ph}, <= 1.03x)", f"{x:.3f}x", x <= 1.03)
+            x = infer["lorafit_mixed8"][ph]["x_base"]
+            add(f"8 mixed adapters <= 1.3x base ({ph})", f"{x:.3f}x", x <= 1.3)
+    return t
+
+
+def device_slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--size", choices=list(SIZES), default="small")
+    ap.add_argument("--iters", type=int, default=None, help="timed steps per method (default: 20 cpu, 10 cuda)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default: 2 cpu, 3 cuda)")
+    ap.add_argument("--out", default=None,
+                    help="directory for the JSON (default benchmarks/results/), or a path ending in .json")
+    ap.add_argument("--schedule", choices=["auto", "interleaved", "sequential"], default="auto",
+                    help="auto: interleaved on cpu (noise), sequential on cuda (comparable peak memory)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 on cuda, fp32 on cpu (bf16 on cpu is for checking the bf16 code path)")
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads, or auto (default): torch's own choice, but 1 on a CPU run when the "
+                         "load average is already >= the core count - OpenMP threads spinning on each other "
+                         "on a shared machine otherwise swamp the timings (and the run takes 5x longer)")
+    ap.add_argument("--parts", default="checks,infer,train",
+                    help="comma list of checks, infer, train (default: all three)")
+    args = ap.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    args.iters = args.iters or (20 if dev == "cpu" else 10)
+    args.warmup = args.warmup if args.warmup is not None else (2 if dev == "cpu" else 3)
+    schedule = args.schedule if args.schedule != "auto" else ("interleaved" if dev == "cpu" else "sequential")
+    load_start = _loadavg()
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+    elif dev == "cpu" and load_start and load_start[0] >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        print(f"load average {load_start[0]} on {os.cpu_count()} CPUs: using 1 thread (--threads N to override)")
+        torch.set_num_threads(1)
+
+    import peft
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorafit
+
+    t_start = time.perf_counter()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
+        torch.bfloat16 if dev == "cuda" else torch.float32)
+    cfg_kw, (tb, ts), pf_seq = SIZES[args.size]
+    cfg = LlamaConfig(**cfg_kw, max_position_embeddings=max(ts, pf_seq, 2048))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        base = LlamaForCausalLM(cfg).to(dtype)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.enable_input_require_grads()  # the floor's definition; kept for every training method alike
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (tb, ts), generator=g).to(dev)
+    prefill = torch.randint(0, cfg.vocab_size, (INFER_ROWS, pf_seq), generator=g).to(dev)
+    onetok = torch.randint(0, cfg.vocab_size, (INFER_ROWS, 1), generator=g).to(dev)
+    weights = make_adapter_weights(base, [f"a{i}" for i in range(N_ADAPTERS)])
+    base_fp = fingerprint(base)
+
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else (platform.processor() or platform.machine()
+                                                                         or "cpu")
+    if dev == "cpu":
+        device_name = f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    now = datetime.datetime.now()
+    meta = {
+        "device": dev, "device_name": device_name, "size": args.size, "dtype": str(dtype).replace("torch.", ""),
+        "params": sum(p.numel() for p in base.parameters()),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "lorafit": lorafit.__version__, "python": platform.python_version(),
+        "date": now.date().isoformat(), "datetime": now.isoformat(timespec="seconds"),
+        "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        "attn_implementation": base.config._attn_implementation,
+        "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": "all-linear"},
+        "train_batch": tb, "train_seq": ts, "infer_prefill": f"{INFER_ROWS}x{pf_seq}", "infer_1tok": f"{INFER_ROWS}x1",
+        "cpu_threads": torch.get_num_threads(), "threads_arg": args.threads, "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda if dev == "cuda" else None,
+        "n_mixed_adapters": N_ADAPTERS, "iters": args.iters, "warmup": args.warmup, "schedule": schedule,
+        "optimizer": "AdamW(lr=1e-5), adapters only (all weights for full FT); floor has none",
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    print(f"lorafit benchmark: {device_name}, size {args.size}, {meta['params']/1e6:.1f}M params, {meta['dtype']}, "
+          f"{schedule}, iters {args.iters}, warmup {args.warmup}", flush=True)
+
+    parts = set(args.parts.split(","))
+    checks, infer, train = [], None, None
+    if "checks" in parts:
+        print("correctness check ...", flush=True)
+        checks = run_checks(base, weights, ids, prefill, dev, dtype)
+        if not all(c["ok"] for c in checks):
+            print("!! CORRECTNESS CHECK FAILED: lorafit and PEFT disagree; timings below are not trustworthy",
+                  flush=True)
+    if "infer" in parts:
+        print("inference ...", flush=True)
+        infer = run_infer(base, weights, prefill, onetok, dev, args, schedule)
+    if "train" in parts:
+        print("training step ...", flush=True)
+        train = run_train(base, ids, dev, args, schedule, base_fp)
+        checks.append({"check": "base weights unchanged by the other runs (deepcopy / unload)",
+                       "ok": train.pop("_base_unchanged", True)})
+    targets = compute_targets(dev, train, infer) if train and infer else []
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+    meta["loadavg_start"], meta["loadavg_end"] = load_start, _loadavg()
+    print_report(meta, train, infer, checks, targets)
+
+    result = {"meta": meta, "train": train, "infer": infer, "checks": checks, "targets": targets,
+              "all_checks_ok": all(c["ok"] for c in checks)}
+    slug = device_slug(torch.cuda.get_device_name() if dev == "cuda" else "cpu")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    default_dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    tag = f"{slug}-{args.size}" + ("" if dtype == default_dtype else f"-{meta['dtype']}")
+    path = out if out.endswith(".json") else os.path.join(out, f"{tag}-{meta['date']}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {path}  ({meta['wall_s']} s)")
+    return 0 if result["all_checks_ok"] else 1
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
