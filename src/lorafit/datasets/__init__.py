@@ -1,0 +1,1 @@
+"""Synthetic datasets generated on the fly (no download): see :mod:`lorafit.datasets.shapes`."""

@@ -1,0 +1,277 @@
+"""Image classification: ``lorafit train --task image-classification --model timm:NAME --train DIR``.
+
+Models: ``timm:<name>`` or ``torchvision:<name>`` built with random weights (offline), optionally
+``...@FILE`` to load a local checkpoint (a state dict in .safetensors / .pt / .pth; the classifier
+rows are dropped when the class count differs). Data: ImageFolder directories (one sub-directory
+per class) for ``--train`` and the optional ``--eval``; images are resized to ``--imgsz`` (default
+224) and normalised with ImageNet statistics.
+
+Targets (``--targets``, default ``auto``):
+
+* ``vit`` = ``qkv`` + ``proj`` + ``mlp``: timm's fused ``attn.qkv`` Linear, ``attn.proj`` and
+  ``mlp.fc1/fc2`` (regexes anchored on ``blocks.N`` so ``patch_embed.proj``, a Conv2d, is not
+  hit); for torchvision's ViT, ``qkv``/``proj`` mean the ``nn.MultiheadAttention`` module itself,
+  which the core adapts as a whole (its forward reads ``out_proj.weight`` directly, so wrapping
+  ``out_proj`` alone would be silently bypassed), and ``mlp`` the MLP block's Linear layers.
+* ``convs``: every dense Conv2d (groups == 1; depthwise convs are skipped by the core's rule).
+* ``auto``: ``vit`` when the model has attention blocks, else ``convs``.
+* anything else: the usual ``--targets`` forms (comma list of names / suffixes, or a regex).
+
+The classifier (the last Linear with ``num_classes`` outputs) is new, so it is trained fully and
+saved with the adapter (``modules_to_save``). The chosen preset is written back into
+``opts["targets"]`` as the explicit regex (so ``config.yaml`` records what was adapted).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lorafit.train.errors import LorafitError
+
+DEFAULTS = {"model": "timm:vit_tiny_patch16_224", "targets": "auto", "batch_size": 32, "lr_lora": 2e-3,
+            "lr_full": 1e-4, "imgsz": 224, "eval_batch_size": 64}
+IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LABELS_FILE, JOB_FILE = "labels.json", "lorafit_job.json"
+PRESET_WORDS = ("auto", "vit", "qkv", "proj", "mlp", "convs")
+
+
+def parse_model_spec(spec: str) -> tuple[str, str, str | None]:
+    """``timm:vit_small_patch16_224@/w.safetensors`` -> ("timm", "vit_small_patch16_224", "/w.safetensors")."""
+    lib, _, rest = str(spec).partition(":")
+    if lib not in ("timm", "torchvision") or not rest:
+        raise LorafitError(f"--model {spec}: expected timm:<name> or torchvision:<name> (optionally @CHECKPOINT)")
+    name, _, ckpt = rest.partition("@")
+    return lib, name, ckpt or None
+
+
+def create_model(spec: str, num_classes: int, imgsz: int) -> nn.Module:
+    """Build the model with random weights (never downloads), then load the optional local checkpoint."""
+    lib, name, ckpt = parse_model_spec(spec)
+    try:
+        if lib == "timm":
+            import timm
+
+            try:
+                model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=imgsz)
+            except TypeError:  # CNNs take any size and no img_size argument
+                model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        else:
+            import torchvision
+
+            try:
+                model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, image_size=imgsz)
+            except TypeError:
+                model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise LorafitError(f"--model {spec}: unknown or unbuildable {lib} model ({str(exc).splitlines()[0]})") from None
+    if ckpt:
+        load_local_weights(model, Path(ckpt), classifier_name(model, num_classes))
+    return model
+
+
+def load_local_weights(model: nn.Module, path: Path, head: str) -> None:
+    """Load a local state dict; classifier tensors of another shape are skipped (new classes)."""
+    if not path.is_file():
+        raise LorafitError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as exc:  # noqa: BLE001 - safetensors / torch raise many types for a bad file
+        raise LorafitError(f"{path}: not a readable state dict ({type(exc).__name__})") from None
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    bad = [k for k in state if k in own and k not in keep and not k.startswith(head + ".")]
+    if bad or not keep:
+        first = bad[0] if bad else next(iter(state), "(empty)")
+        raise LorafitError(f"{path}: does not fit this architecture (key {first!r})")
+    model.load_state_dict(keep, strict=False)
+
+
+def classifier_name(model: nn.Module, num_classes: int) -> str:
+    """Name of the classification head: the last Linear with ``num_classes`` outputs."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not names:
+        raise LorafitError(f"{type(model).__name__}: no Linear classifier with {num_classes} outputs found")
+    return names[-1]
+
+
+def preset_targets(model: nn.Module, text: str, head: str) -> str | list[str]:
+    """``--targets`` -> what LoraConfig takes; presets become one explicit regex."""
+    words = [w.strip() for w in str(text).split(",") if w.strip()]
+    if not words or not all(w in PRESET_WORDS for w in words):
+        from lorafit.train.options import parse_targets
+
+        return parse_targets(text)
+    has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    has_qkv = any(n.endswith(".attn.qkv") for n, _ in model.named_modules())
+    if "auto" in words:
+        words = ["vit"] if (has_mha or has_qkv) else ["convs"]
+    if "vit" in words:
+        words = ["qkv", "proj", "mlp"]
+    parts = []
+    if "convs" in words:
+        convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                 and m.groups == 1 and n != head]
+        parts += [re.escape(n) for n in convs]
+    if has_mha and ({"qkv", "proj"} & set(words)):
+        parts.append(r".*\.self_attention")  # torchvision: the MHA module (in- and out-projection)
+    elif "qkv" in words or "proj" in words:
+        sub = "|".join(w for w in ("qkv", "proj") if w in words)
+        parts.append(rf".*blocks\.\d+\.attn\.({sub})")
+    if "mlp" in words:
+        parts.append(r".*blocks\.\d+\.mlp\.fc[12]" if not has_mha else r".*encoder_layer_\d+\.mlp\.[03]")
+    if not parts:
+        raise LorafitError(f"--targets {text}: the preset matched nothing in this model")
+    return "(" + "|".join(parts) + ")"
+
+
+def scan_image_folder(directory, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """ImageFolder layout -> (class names, [(image path, class index)]). Errors name the directory."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise LorafitError(f"{root}: not a directory (expected an ImageFolder: one sub-directory per class)")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise LorafitError(f"{root}: no class sub-directories (expected ROOT/<class>/<image>)")
+    classes = classes or found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise LorafitError(f"{root / unknown[0]}: class {unknown[0]!r} was never seen in training")
+    rows = []
+    for c in found:
+        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMG_SUFFIXES)
+        if not files:
+            raise LorafitError(f"{root / c}: class directory holds no images")
+        rows += [(str(p), classes.index(c)) for p in files]
+    return classes, rows
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """RGB image -> normalised float tensor [3, size, size]."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, even ImportError (format plugins)
+        raise LorafitError(f"{path}: cannot read image ({type(exc).__name__})") from None
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+class Task:
+    """See :mod:`lorafit.tasks` for the interface."""
+
+    name = "image-classification"
+    primary_metric = "eval_accuracy"
+    greater_is_better = True
+
+    def __init__(self, opts: dict[str, Any]):
+        self.opts = opts
+        parse_model_spec(opts["model"])
+        self.model_path = str(opts["model"])
+        self.imgsz = int(opts.get("imgsz") or DEFAULTS["imgsz"])
+        self.labels: list[str] | None = None
+        self.head: str | None = None
+        self.n_train = self.n_eval = 0
+
+    def load_data(self):
+        if not self.opts.get("train"):
+            raise LorafitError("--train is required for image-classification (an ImageFolder directory)")
+        from lorafit.train.data import take_samples
+
+        self.labels, train = scan_image_folder(self.opts["train"])
+        if len(self.labels) < 2:
+            raise LorafitError(f"{self.opts['train']}: needs at least 2 class sub-directories")
+        train = take_samples(train, self.opts.get("max_samples"), self.opts["seed"])
+        evaluation = scan_image_folder(self.opts["eval"], self.labels)[1] if self.opts.get("eval") else []
+        self.n_train, self.n_eval = len(train), len(evaluation)
+        return train, evaluation
+
+    def describe(self) -> str:
+        return (f"{self.n_train} train / {self.n_eval} eval images at {self.imgsz}px, {len(self.labels)} classes "
+                f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})")
+
+    def build_model(self) -> nn.Module:
+        model = create_model(self.model_path, len(self.labels), self.imgsz)
+        self.head = classifier_name(model, len(self.labels))
+        if not self.opts.get("full_finetune"):
+            targets = preset_targets(model, self.opts["targets"], self.head)
+            self.opts["targets"] = targets if isinstance(targets, str) else ",".join(targets)
+        return model
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        return {"modules_to_save": [self.head], "exclude_modules": [self.head]}
+
+    def enable_grad_checkpointing(self, model: nn.Module) -> None:
+        setter = getattr(model, "set_grad_checkpointing", None)
+        if setter is None:
+            raise LorafitError(f"--grad-checkpointing: {self.model_path} does not support it")
+        setter(True)
+
+    # ------------------------------------------------------------------ loop
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([load_image(p, self.imgsz) for p, _ in rows]),
+                "labels": torch.tensor([y for _, y in rows])}
+
+    def count(self, batch) -> int:
+        return int(batch["labels"].numel())
+
+    def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
+        logits = model(batch["pixel_values"])
+        return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows, batch_size: int, device: torch.device) -> dict[str, float]:
+        correct, loss = 0, 0.0
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in self.collate(rows[i: i + batch_size]).items()}
+            logits = model(batch["pixel_values"]).float()
+            loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        return {"eval_accuracy": correct / len(rows), "eval_loss": loss / len(rows)}
+
+    # --------------------------------------------------------------- files
+    def job_info(self) -> dict[str, Any]:
+        return {"task": self.name, "model": self.model_path, "imgsz": self.imgsz, "num_labels": len(self.labels),
+                "head": self.head}
+
+    def save_extras(self, directory: Path) -> None:
+        from lorafit.train.checkpoint import write_json
+
+        write_json(Path(directory) / LABELS_FILE, self.labels)
+        write_json(Path(directory) / JOB_FILE, self.job_info())
+
+    def restore(self, directory: Path) -> None:
+        path = Path(directory) / LABELS_FILE
+        try:
+            self.labels = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LorafitError(f"{path}: missing (an image-classification adapter needs its label set)") from None
+        except json.JSONDecodeError:
+            raise LorafitError(f"{path}: not valid JSON") from None
+
+    def save_full(self, model: nn.Module, directory: Path) -> None:
+        """``model.safetensors`` (the whole state dict) plus labels and job info."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        self.save_extras(directory)
+
+    export_merged = save_full

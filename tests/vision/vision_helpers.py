@@ -1,0 +1,15 @@
+"""Shared constants and helpers of the vision tests (imported by conftest and test modules)."""
+
+from __future__ import annotations
+
+VISION_MODULES = ("torchvision", "ultralytics", "timm", "onnx", "onnxruntime")
+IMGSZ = 96  # small enough for CPU, large enough for three YOLO strides (96 / 32 = 3 cells)
+
+
+def detect_opts(**flags) -> dict:
+    """Resolved ``lorafit train`` options for --task detect (the common table + detect's own flags)."""
+    from lorafit.tasks import detect
+    from lorafit.train import options
+
+    flags = {"task": "detect", "device": "cpu", **{k: str(v) for k, v in flags.items()}}
+    return options.resolve(flags, options.OPTIONS + detect.OPTIONS, lambda _t: dict(detect.DEFAULTS))
