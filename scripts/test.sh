@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: sets up what it needs (idempotent) and runs the whole suite on the CPU.
-#   bash scripts/test.sh            # everything
-#   bash scripts/test.sh -k conv    # extra args go to pytest (main suite)
+#   bash scripts/test.sh                 # everything: main suite, then the vision suite
+#   bash scripts/test.sh -k conv         # extra args go to pytest (main suite only)
+#   LORAFIT_SKIP_VISION=1 bash scripts/test.sh   # skip the vision venv (torch 2.14.1 + torchvision, ~6 GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
@@ -13,3 +14,9 @@ if ! python -c "import lorafit, peft, pytest" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest -q "$@"
+deactivate
+if [ "${LORAFIT_SKIP_VISION:-0}" != 1 ] && [ $# -eq 0 ]; then
+  # vision needs torchvision, which does not import beside the torch 2.13.0 CPU wheel
+  bash scripts/setup_vision_env.sh
+  .venv-vision/bin/python -m pytest -q tests/vision
+fi
