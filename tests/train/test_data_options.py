@@ -158,7 +158,22 @@ def test_param_groups_lora_plus():
     assert groups["default"]["weight_decay"] == 0.1
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
-    assert is_lora_b("base_model.model.q.lora_B.default.weight") and is_lora_b("emb.lora_embedding_B.default")
-    assert not is_lora_b("x.lora_A.default.weight")
+    assert is_lora_b("base_model.model.q.lora_B.default.weight")
+    # embedding adapters start with A = 0: their B is not LoRA+'s zero-initialised factor
+    assert not is_lora_b("x.lora_A.default.weight") and not is_lora_b("emb.lora_embedding_B.default")
     # a torch optimizer takes the groups as they are
     torch.optim.AdamW(param_groups(model, 1e-3, 2.0), lr=1e-3)
+
+
+def test_param_groups_embedding_adapters_get_their_own_lr():
+    import lorafit
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["0", "1"]))
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, b_ratio=16, embedding_lr=5e-4)}
+    emb = {id(p) for p in model[0].adapters.parameters()}
+    assert {id(p) for p in groups["lora_embedding"]["params"]} == emb
+    assert groups["lora_embedding"]["lr"] == 5e-4
+    assert not emb & {id(p) for p in groups["lora_B"]["params"]}
+    default = {g["name"]: g for g in param_groups(model, 1e-3, b_ratio=16)}
+    assert default["lora_embedding"]["lr"] == 1e-3
