@@ -118,7 +118,7 @@ def _bad_cases(d: Path):
         ),
         (["--train", str(d / "latin1.csv")], "latin1.csv line 3: not valid UTF-8"),
         (["--precision", "fp8"], "--precision: invalid value 'fp8' (choose from fp32, bf16, fp16)"),
-        (["--task", "detect"], "--task: invalid value 'detect'"),
+        (["--task", "segment"], "--task: invalid value 'segment'"),
         (["--lr", "abc"], "--lr: expected a number, got 'abc'"),
         (["--rank", "0"], "--rank: must be >= 1, got 0"),
         (["--warp", "9"], "unrecognized arguments: --warp 9"),
