@@ -27,6 +27,18 @@ def peft_save(base, directory, **cfg):
     return pm.eval()
 
 
+class Wrap(nn.Module):
+    """Wrap a single layer so PEFT and lorafit both see a named child (`layer`)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args):
+        out = self.layer(*args)
+        return out[0] if isinstance(out, tuple) else out
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

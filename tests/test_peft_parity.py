@@ -5,24 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny, peft_load, peft_save, tiny_gpt2
+from helpers import Tiny, Wrap, peft_load, peft_save, tiny_gpt2
 
 import lorafit
 
 peft = pytest.importorskip("peft")
 ATOL = 1e-5
-
-
-class Wrap(nn.Module):
-    """Wrap a single layer so PEFT and lorafit both see a named child."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args):
-        out = self.layer(*args)
-        return out[0] if isinstance(out, tuple) else out
 
 
 CASES = {

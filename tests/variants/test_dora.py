@@ -5,22 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import peft_load, tiny_gpt2
+from helpers import Wrap, peft_load, tiny_gpt2
 
 import lorafit
 from lorafit.variants import dora_norm
 
 peft = pytest.importorskip("peft")
 ATOL = 1e-5
-
-
-class Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 CASES = {
