@@ -108,6 +108,7 @@ def _bad_cases(d: Path):
     (d / "latin1.csv").write_bytes("text,label\nok,pos\ncaf\xe9 cr\xe8me,neg\n".encode("latin-1"))
     (d / "bad.yaml").write_text("rank: 4\nbogus: 1\n")
     (d / "badval.yaml").write_text("precision: fp8\n")
+    (d / "notapplicable.yaml").write_text("imgsz: 224\n")
     return [
         (["--train", "nope.csv"], "nope.csv: no such file"),
         (["--text-column", "sentence"], "train.csv: no column 'sentence' (columns: text, label)"),
@@ -128,6 +129,9 @@ def _bad_cases(d: Path):
         (["--targets", "(query"], "--targets: invalid regex"),
         (["--targets", "nothing_like_this"], "--targets nothing_like_this:"),
         (["--resume", str(d / "no-run")], "no checkpoint.pt to resume from"),
+        (["--packing"], "--packing does not apply to --task text-classification"),
+        (["--config", str(d / "notapplicable.yaml")], "--imgsz does not apply to --task text-classification"),
+        (["--task", "causal-lm", "--label-column", "y"], "--label-column does not apply to --task causal-lm"),
     ]
 
 

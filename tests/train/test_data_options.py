@@ -121,6 +121,20 @@ def test_resolve_layers_flags_win(tmp_path):
     assert resolve({}, OPTIONS, _defaults)["lr"] == 1e-3
 
 
+def test_options_a_task_does_not_use_are_refused_only_when_set(tmp_path):
+    from lorafit.train.job import prepare
+
+    with pytest.raises(LorafitError, match=r"^--text-column does not apply to --task image-classification \("):
+        prepare({"task": "image-classification", "text_column": "x"})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: image-classification\nmax_length: 32\n", encoding="utf-8")
+    with pytest.raises(LorafitError, match="--max-length does not apply"):
+        prepare({"config": str(cfg)})
+    # defaults of those keys are still present in the resolved options, and are not a user choice
+    opts, _ = prepare({"task": "image-classification", "rank": "4"})
+    assert opts["text_column"] == "text" and opts["rank"] == 4
+
+
 def test_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rank: 4\nwarp: 1\n", encoding="utf-8")

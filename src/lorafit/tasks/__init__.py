@@ -18,6 +18,10 @@ friends inside functions), and define:
     Extra flags only this task reads (e.g. causal-lm's ``--packing``). They are listed under
     the task's name in ``lorafit train --help`` and can also be set from ``--config``.
 
+``NOT_APPLICABLE: dict[str, str]`` (optional)
+    Option keys this task does not use, each with the reason. Setting one (flag or
+    ``--config``) is refused with that reason instead of being silently ignored.
+
 ``class Task``, constructed as ``Task(opts)`` with the resolved options dict, with:
 
 - ``primary_metric: str`` and ``greater_is_better: bool``: the metric that picks ``best/``.

@@ -41,6 +41,11 @@ DEFAULTS = {
     "lr_lora": 2e-4,
     "lr_full": 2e-5,
 }
+NOT_APPLICABLE = {
+    "label_column": "a language model's target is its own text (--text-column)",
+    "data": "--data is a detection data.yaml; give --train / --eval",
+    "imgsz": "an image size; this task reads text",
+}
 OPTIONS = [
     Option(
         "packing",

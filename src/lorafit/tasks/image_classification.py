@@ -36,6 +36,13 @@ from lorafit.train.errors import LorafitError
 
 DEFAULTS = {"model": "timm:vit_tiny_patch16_224", "targets": "auto", "batch_size": 32, "lr_lora": 2e-3,
             "lr_full": 1e-4, "imgsz": 224, "eval_batch_size": 64}
+NOT_APPLICABLE = {
+    "text_column": "--train / --eval are ImageFolder directories, not tables",
+    "label_column": "labels are the ImageFolder sub-directory names",
+    "max_length": "a token count; this task reads images (see --imgsz)",
+    "packing": "packing joins causal-lm texts",
+    "data": "--data is a detection data.yaml; give ImageFolder --train / --eval directories",
+}
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRESET_WORDS = ("auto", "vit", "qkv", "proj", "mlp", "convs")

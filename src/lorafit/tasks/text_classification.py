@@ -31,6 +31,11 @@ DEFAULTS = {
     "lr_lora": 1e-3,
     "lr_full": 5e-5,
 }
+NOT_APPLICABLE = {
+    "packing": "packing joins causal-lm texts; classification keeps one example per row",
+    "data": "--data is a detection data.yaml; give --train / --eval",
+    "imgsz": "an image size; this task reads text",
+}
 HEAD_FILE = "head.safetensors"
 
 

@@ -83,6 +83,18 @@ def find_run(resume: Any, out: str | None, task: str | None) -> Path:
     return run
 
 
+def refuse_not_applicable(task: str, given: set[str]) -> None:
+    """Refuse an option the user set (flag or ``--config``) that the task would not use.
+
+    A task module lists such options in ``NOT_APPLICABLE = {key: reason}``: silently ignoring
+    ``--packing`` on a classifier, or ``--text-column`` on a detector, would let a user believe a
+    setting took effect when it did not.
+    """
+    table = getattr(task_module(task), "NOT_APPLICABLE", {})
+    for key in sorted(given & set(table)):
+        raise LorafitError(f"--{key.replace('_', '-')} does not apply to --task {task} ({table[key]})")
+
+
 def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     """Resolve the options; returns (opts, run directory to resume or None)."""
     table = all_options()
@@ -92,6 +104,7 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
         run = find_run(flags["resume"], flags.get("out"), flags.get("task"))
         base = options.load_yaml(run / "config.yaml", table)
     opts = options.resolve(flags, table, task_defaults, base)
+    refuse_not_applicable(opts["task"], options.user_keys(flags, table))
     if run is not None:
         opts["out"] = str(run)
     opts.pop("config", None)

@@ -336,6 +336,14 @@ def load_yaml(path: str | Path, options: list[Option]) -> dict[str, Any]:
     return out
 
 
+def user_keys(flags: dict[str, Any], options: list[Option]) -> set[str]:
+    """The option keys the user set: typed flags plus the keys of a ``--config`` file."""
+    given = {k for k, v in flags.items() if v is not None and k not in ("config", "resume")}
+    if flags.get("config"):
+        given |= set(load_yaml(flags["config"], options))
+    return given
+
+
 def resolve(
     flags: dict[str, Any],
     options: list[Option],
