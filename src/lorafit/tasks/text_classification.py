@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorafit.tasks import LabelFiles, checkpoint_activations, resolve_model_path
+from lorafit.tasks import LabelFiles, TextModel, checkpoint_activations
 from lorafit.train.data import Table, read_table, take_samples
 from lorafit.train.errors import LorafitError
 
@@ -80,7 +80,7 @@ def sort_labels(keys: set) -> list:
     return sorted(str(k) for k in keys)
 
 
-class Task(LabelFiles):
+class Task(TextModel, LabelFiles):
     """See :mod:`lorafit.tasks` for the interface."""
 
     labels_needed_by = "a text-classification adapter or model"
@@ -90,19 +90,8 @@ class Task(LabelFiles):
     greater_is_better = True
 
     def __init__(self, opts: dict[str, Any]):
-        self.opts = opts
-        self.model_path = resolve_model_path(opts["model"])
+        super().__init__(opts)
         self.labels: list | None = None
-        self._tokenizer = None
-        self.n_train = self.n_eval = 0
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return self._tokenizer
 
     # ------------------------------------------------------------------ data
     def _texts_labels(self, table: Table) -> tuple[list[str], list[tuple[int, Any]]]:
