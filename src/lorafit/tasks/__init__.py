@@ -46,10 +46,26 @@ friends inside functions), and define:
 - ``export_merged(model, directory)``: ``lorafit merge`` output for a merged (plain) model.
 - ``sample(model, rows, device) -> str | None`` (optional): a generated example to print.
 
+``lorafit eval`` / ``merge`` (:mod:`lorafit.train.reload`) rebuild the job from the adapter's
+``lorafit_job.json`` (options: task defaults < that file < flags), then call ``restore``,
+``build_model``, and:
+
+- ``read_eval(path) -> rows``: the eval data of ``lorafit eval``, checked against the restored
+  labels / classes (an unknown label is a LorafitError naming the file).
+- ``load_adapter(model, directory)`` (optional): replaces ``lorafit.load_adapter`` when loading
+  needs more (detectors rebuild new class convs first). A ``ValueError`` becomes a one-line error.
+- ``merge_model(model) -> nn.Module`` (optional): replaces ``lorafit.merge_and_unload``.
+- ``eval_data_option: str`` (class attribute, default ``"eval"``): the option naming the eval data
+  (detection: ``"data"``, a data.yaml that may default from the job info); the other flag is refused.
+- ``needs_job_info: bool`` (class attribute, default False): refuse an adapter without
+  ``lorafit_job.json`` unless ``--model`` is given, when the task's default model cannot be the
+  adapter's base (detection's default is a random-weight yaml).
+
 A task that brings its own training loop (detection through ultralytics' trainer) sets
 ``owns_loop = True`` and implements ``run(say) -> dict`` instead of the loop methods: the job
 resolves the options, then hands over; ``run`` writes the run directory (config.yaml,
-adapter/, metrics.json ...) and returns metrics.json's content.
+adapter/, metrics.json ...) and returns metrics.json's content. Its reload hooks above can live
+in a mixin (detection: :class:`lorafit.tasks.detect_io.DetectReload`).
 
 Subcommands are registered the same way in :data:`lorafit.cli.COMMANDS`.
 """

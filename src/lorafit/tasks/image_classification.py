@@ -178,6 +178,32 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
+def saved_model_spec(model: str) -> tuple[str, str]:
+    """``--model``: a spec, or a directory written by ``lorafit merge`` / ``--full-finetune``.
+
+    Such a directory holds ``model.safetensors`` and ``lorafit_job.json`` (whose ``model`` is the
+    spec it was built from), so it is rebuilt as ``<that spec>@DIR/model.safetensors``: the same
+    architecture with the saved weights. Returns (the base spec to record, the spec to build).
+    """
+    import json
+
+    d = Path(model)
+    if not d.is_dir():
+        return model, model
+    job, weights = d / "lorafit_job.json", d / "model.safetensors"
+    if not weights.is_file():
+        raise LorafitError(f"--model {model}: no model.safetensors in this directory (expected a `lorafit merge` "
+                           "or --full-finetune output, or timm:<name> / torchvision:<name>)")
+    try:
+        base = str(json.loads(job.read_text(encoding="utf-8"))["model"])
+    except FileNotFoundError:
+        raise LorafitError(f"{job}: missing (it names the architecture of {weights})") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LorafitError(f"{job}: not valid JSON with a 'model' key") from None
+    lib, name, _ = parse_model_spec(base)
+    return base, f"{lib}:{name}@{weights}"
+
+
 class Task(LabelFiles):
     """See :mod:`lorafit.tasks` for the interface."""
 
@@ -189,8 +215,9 @@ class Task(LabelFiles):
 
     def __init__(self, opts: dict[str, Any]):
         self.opts = opts
-        parse_model_spec(opts["model"])
         self.model_path = str(opts["model"])
+        self.base_spec, self.spec = saved_model_spec(self.model_path)
+        parse_model_spec(self.spec)
         self.imgsz = int(opts.get("imgsz") or DEFAULTS["imgsz"])
         self.labels: list[str] | None = None
         self.head: str | None = None
@@ -214,7 +241,7 @@ class Task(LabelFiles):
                 f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})")
 
     def build_model(self) -> nn.Module:
-        model = create_model(self.model_path, len(self.labels), self.imgsz)
+        model = create_model(self.spec, len(self.labels), self.imgsz)
         self.head = classifier_name(model, len(self.labels))
         if not self.opts.get("full_finetune"):
             targets = preset_targets(model, self.opts["targets"], self.head)
@@ -242,6 +269,10 @@ class Task(LabelFiles):
         logits = model(batch["pixel_values"])
         return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
+    def read_eval(self, path) -> list[tuple[str, int]]:
+        """``lorafit eval --eval DIR``: an ImageFolder whose classes are among the restored labels."""
+        return scan_image_folder(path, self.labels)[1]
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, rows, batch_size: int, device: torch.device) -> dict[str, float]:
         correct, loss = 0, 0.0
@@ -254,8 +285,8 @@ class Task(LabelFiles):
 
     # --------------------------------------------------------------- files
     def job_info(self) -> dict[str, Any]:
-        return {"task": self.name, "model": self.model_path, "imgsz": self.imgsz, "num_labels": len(self.labels),
-                "head": self.head}
+        return {"task": self.name, "model": self.base_spec, "imgsz": self.imgsz, "num_labels": len(self.labels),
+                "head": self.head, "seed": self.opts.get("seed")}
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """``model.safetensors`` (the whole state dict) plus labels and job info."""

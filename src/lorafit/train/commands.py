@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
 from lorafit.train.errors import LorafitError
-from lorafit.train.options import Option, add_arguments, coerce
+from lorafit.train.options import add_arguments
+from lorafit.train.reload import eval_args, eval_run, job_info, merge_args, merge_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,193 +58,25 @@ TRAIN = Command(
 )
 
 
-# --------------------------------------------------------- eval / merge
-def _common(parser: argparse.ArgumentParser, adapter_required: bool) -> None:
-    parser.add_argument(
-        "--model",
-        help="base model: a transformers directory or `minilm` (default: the one the "
-        "adapter was trained on); for eval, also a merged or fully fine-tuned model directory",
-    )
-    parser.add_argument(
-        "--adapter", metavar="DIR", required=adapter_required, help="adapter directory (PEFT format)"
-    )
-    parser.add_argument(
-        "--task", help="task (default: from the adapter's lorafit_job.json, else text-classification)"
-    )
-
-
-def _job_info(directory: Path | None) -> dict[str, Any]:
-    if directory is None:
-        return {}
-    path = Path(directory) / "lorafit_job.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise LorafitError(f"{path}: not valid JSON") from None
-
-
-def _load(args: argparse.Namespace, extra: dict[str, Any]):
-    """(task, model, opts) for eval/merge: options = task defaults < the adapter's job info < flags."""
-    from lorafit.tasks import task_module
-    from lorafit.train.job import all_options, quiet_transformers, task_defaults
-    from lorafit.train.options import resolve
-
-    adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise LorafitError(f"--adapter {adapter}: no adapter_config.json in this directory")
-    info = _job_info(adapter)
-    if adapter is None and args.model:
-        info = _job_info(Path(args.model))
-    task_name = args.task or info.get("task") or "text-classification"
-    base = {
-        k: v
-        for k, v in info.items()
-        if k in ("model", "text_column", "label_column", "max_length", "packing")
-    }
-    base["task"] = task_name
-    flags = {k: v for k, v in extra.items() if v is not None}
-    if args.model:
-        flags["model"] = args.model
-    opts = resolve(flags, all_options(), task_defaults, base)
-    quiet_transformers()
-    task = task_module(task_name).Task(opts)
-    task.restore(adapter or Path(task.model_path))
-    import torch
-
-    torch.manual_seed(opts["seed"])
-    model = task.build_model()
-    if adapter is not None:
-        import lorafit
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                lorafit.load_adapter(model, adapter)
-            except ValueError as exc:
-                raise LorafitError(str(exc)) from None
-        for w in caught:
-            if issubclass(w.category, UserWarning) and "lorafit" in str(w.filename) + str(w.message):
-                print(f"lorafit: warning: {w.message}")
-    return task, model, opts
-
-
-def _eval_args(parser: argparse.ArgumentParser) -> None:
-    _common(parser, adapter_required=False)
-    parser.add_argument("--eval", metavar="FILE", required=True, help="evaluation data (.csv, .tsv, .jsonl)")
-    trained = "as in `lorafit train` (default: the value the adapter was trained with)"
-    parser.add_argument("--text-column", help=trained)
-    parser.add_argument("--label-column", help=trained)
-    parser.add_argument("--max-length", metavar="N", help=trained)
-    parser.add_argument("--batch-size", metavar="N", help="evaluation batch size [64]")
-    parser.add_argument("--precision", metavar="{fp32,bf16,fp16}", help="autocast precision [fp32]")
-    parser.add_argument("--device", metavar="{auto,cpu,cuda}", help="[auto]")
-    parser.add_argument(
-        "--out",
-        metavar="FILE.json",
-        help="where to write the metrics (default: eval-<data name>.json next to the adapter directory)",
-    )
-
-
-def _eval_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from lorafit.train.checkpoint import write_json
-    from lorafit.train.distributed import pick_device
-    from lorafit.train.job import fmt_metrics
-
-    extra = {
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "max_length": args.max_length,
-        "precision": args.precision,
-        "device": args.device,
-        "eval": args.eval,
-    }
-    task, model, opts = _load(args, extra)
-    rows = task.read_eval(opts["eval"])
-    if not rows:
-        raise LorafitError(f"{opts['eval']}: no data rows")
-    batch = coerce(Option("batch-size", "int", 64, "", minimum=1), args.batch_size, "--batch-size") or 64
-    device = pick_device(opts["device"])
-    model.to(device).eval()
-    prec = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["precision"])
-    import contextlib
-
-    ctx = torch.autocast(device.type, dtype=prec) if prec else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        metrics = task.evaluate(model, rows, batch, device)
-    print(f"{len(rows)} rows from {opts['eval']}: {fmt_metrics(metrics)}")
-    if hasattr(task, "sample"):
-        sample = task.sample(model, rows, device)
-        if sample:
-            print(f"sample: {sample}")
-    where = Path(args.adapter or opts["model"]).resolve()
-    out = Path(args.out) if args.out else where.parent / f"eval-{Path(opts['eval']).stem}.json"
-    write_json(
-        out,
-        {
-            **metrics,
-            "eval_rows": len(rows),
-            "eval_file": str(opts["eval"]),
-            "adapter": args.adapter,
-            "model": opts["model"],
-        },
-    )
-    print(f"wrote {out}")
-    return 0
-
-
+# --------------------------------------------------------- eval / merge (lorafit.train.reload)
 EVAL = Command(
     description="Evaluate a trained adapter (or a merged / fully fine-tuned model) on a data file; "
     "prints the metrics and writes them as JSON.",
-    add_arguments=_eval_args,
-    run=_eval_run,
-    epilog="example:\n  lorafit eval --adapter runs/x/adapter --eval test.tsv --text-column sentence",
+    add_arguments=eval_args,
+    run=eval_run,
+    epilog="examples:\n  lorafit eval --adapter runs/x/adapter --eval test.tsv --text-column sentence\n"
+    "  lorafit eval --adapter runs/detect-x/adapter --data other.yaml     # mAP50, mAP50-95, precision, recall\n"
+    "  lorafit eval --adapter runs/image-x/adapter --eval val_dir/",
 )
-
-
-def _merge_args(parser: argparse.ArgumentParser) -> None:
-    _common(parser, adapter_required=True)
-    parser.add_argument(
-        "--out", metavar="DIR", required=True, help="output directory (replaced if it exists)"
-    )
-    parser.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the merged weights [fp32]"
-    )
-
-
-def _merge_run(args: argparse.Namespace) -> int:
-    import torch
-
-    import lorafit
-    from lorafit.train.checkpoint import dir_bytes, replace_dir
-    from lorafit.train.progress import fmt_bytes
-
-    task, model, opts = _load(args, {})
-    model = lorafit.merge_and_unload(model)
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
-    export = getattr(task, "export_merged", None)
-    if export is None:  # a task without its own format: a state dict plus the rebuild info
-
-        def export(m, d):
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, Path(d) / "model.safetensors")
-            task.save_extras(d)
-
-    replace_dir(args.out, lambda d: export(model, d))
-    print(f"merged {args.adapter} into {opts['model']}: wrote {args.out} ({fmt_bytes(dir_bytes(args.out))})")
-    return 0
 
 
 MERGE = Command(
     description="Merge an adapter into its base model and save the result: for transformers models a "
     "directory that from_pretrained loads (classification: the encoder, plus head.safetensors "
-    "and labels.json).",
-    add_arguments=_merge_args,
-    run=_merge_run,
+    "and labels.json); detect: model.pt, a plain Ultralytics checkpoint YOLO() loads; "
+    "image-classification: model.safetensors + labels.json (lorafit eval --model DIR reads it).",
+    add_arguments=merge_args,
+    run=merge_run,
     epilog="example:\n  lorafit merge --adapter runs/x/adapter --out merged/",
 )
 
@@ -317,7 +149,7 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
         "base_model": cfg.get("base_model_name_or_path"),
         "base_fingerprint": meta.get("lorafit_base_fingerprint"),
         "lorafit_version": meta.get("lorafit_version"),
-        "job": _job_info(d),
+        "job": job_info(d),
         "labels": json.loads(labels_path.read_text(encoding="utf-8")) if labels_path.is_file() else None,
     }
 
