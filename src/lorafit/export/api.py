@@ -90,7 +90,7 @@ def evaluate_file(task: str, path: Path, data, imgsz: int, labels: list | None =
     if task == "detect":
         from lorafit.tasks.detect import evaluate_detector
 
-        return evaluate_detector(str(path), data, imgsz, batch=8, device="cpu")
+        return evaluate_detector(str(path), data, imgsz, batch=8, device="cpu", rect=False)  # fixed-shape graph
     from lorafit.tasks.image_classification import load_image, scan_image_folder
 
     _, rows = scan_image_folder(data, labels)

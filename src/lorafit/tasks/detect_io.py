@@ -52,27 +52,6 @@ def ultralytics_device_of(device) -> str:
     return "cpu"
 
 
-def validate_detector(model, data_yaml, imgsz: int, batch: int = 32, device: str = "cpu") -> dict[str, float]:
-    """Ultralytics' DetectionValidator on the data's val split, with *rectangular* val batches.
-
-    :func:`lorafit.tasks.detect.evaluate_detector` validates square letterboxed inputs
-    (``rect=False``, which a fixed-shape ONNX file needs), but the run's own final numbers
-    (``metrics.json``) and Ultralytics' ``model.val()`` use ``rect=True``, whose val letterbox pads
-    by half a stride (a 96 px image becomes a 128 px input): on the test run that moved mAP50 from
-    0.342 to 0.362. ``lorafit eval`` must reproduce metrics.json, so it validates the way the trainer
-    did. The validator fuses ``model`` in place (its fuse merges the adapters first).
-    """
-    from lorafit.integrations.ultralytics import configure_offline
-    from lorafit.tasks.detect import rename_metrics
-
-    configure_offline()
-    from ultralytics.models.yolo.detect import DetectionValidator
-
-    args = dict(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
-                split="val", save_json=False, rect=True, workers=0)
-    return rename_metrics(DetectionValidator(args=args)(model=model))
-
-
 def save_detector_checkpoint(model, path, train_args: dict | None = None, extra: dict | None = None) -> Path:
     """Write ``model`` (a plain, merged DetectionModel) as a final Ultralytics checkpoint.
 
@@ -178,11 +157,11 @@ class DetectReload:
         return [str(p) for p in _images(checked["val"], Path(checked["path"]), "val", Path(path))]
 
     def evaluate(self, model, rows, batch_size: int, device) -> dict[str, float]:
-        """mAP50 / mAP50-95 / precision / recall, validated as the run's final numbers were (see validate_detector)."""
-        from lorafit.tasks.detect import DEFAULTS
+        """mAP50 / mAP50-95 / precision / recall, validated as the run's own numbers were (rectangular batches)."""
+        from lorafit.tasks.detect import DEFAULTS, evaluate_detector
 
         imgsz = int(self.opts.get("imgsz") or self.job.get("imgsz") or DEFAULTS["imgsz"])
-        return validate_detector(model, self.eval_yaml, imgsz, batch_size, ultralytics_device_of(device))
+        return evaluate_detector(model, self.eval_yaml, imgsz, batch_size, ultralytics_device_of(device))
 
     def reload_info(self) -> dict[str, Any]:
         """lorafit_job.json of a merged output: the run's info, with the classes actually in the model."""

@@ -209,7 +209,7 @@ def run_train(
     quiet_transformers()
     task = task_module(opts["task"]).Task(opts)
     if getattr(task, "owns_loop", False):  # e.g. detection through ultralytics' own trainer
-        return task.run(say=say)
+        return task.run(say=say, resume=resume_dir)  # it joins the process group itself (torchrun)
     dist = distributed.setup(opts["device"])
     try:
         if not dist.is_main:
