@@ -20,6 +20,7 @@ augmentation RNG lives in the workers, whose state a checkpoint cannot reach.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 from lorafit.train.checkpoint import rng_state, set_rng_state
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import LorafitError
+from lorafit.train.errors import Interrupted, LorafitError
 
 FORMAT = "lorafit-detect-1"
 
@@ -200,7 +201,6 @@ class StopOnSignals:
 
     def _handle(self, signum, frame) -> None:
         import os
-        import signal
 
         if self.trainer._signal is not None:
             signal.signal(signum, signal.SIG_DFL)
@@ -208,7 +208,6 @@ class StopOnSignals:
         self.trainer.request_stop(signum)
 
     def __enter__(self):
-        import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -216,7 +215,61 @@ class StopOnSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+class EpochControl:
+    """The per-epoch hooks of :class:`~lorafit.integrations.yolo_trainer.LoraDetectionTrainer`.
+
+    Ctrl-C / SIGTERM (:meth:`request_stop`) stop every rank after the current batch; the first
+    resumed epoch restores the RNG and the pending gradients; each finished epoch records the best
+    EMA tensors and writes ``checkpoint.pt`` (rank 0). Registered as Ultralytics callbacks in
+    ``train``.
+    """
+
+    def request_stop(self, signum: int) -> None:
+        """Signal handler body: stop after the current batch (every rank, see :meth:`_batch_end`)."""
+        self._signal = signum
+
+    def _epoch_start(self, _trainer) -> None:
+        sampler = self.train_loader.sampler
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(self.epoch)  # Ultralytics only does it under torchrun
+        if self.controls.resume is not None and self.epoch == self.start_epoch:
+            if self.restore_close_mosaic is not None:
+                self.args.close_mosaic = self.restore_close_mosaic
+            restore_epoch_start(self, self.controls.resume)
+
+    def _batch_end(self, _trainer) -> None:
+        stop = self._signal is not None
+        if self.dist.enabled:
+            stop = self.dist.any(stop)
+        if not stop:
+            return
+        name = signal.Signals(self._signal or signal.SIGTERM).name
+        where = self.controls.checkpoint_dir
+        if self.checkpoint_epoch is not None and where is not None:
+            then = f"resume with: lorafit train --resume {where} (continues after epoch {self.checkpoint_epoch})"
+        else:
+            then = "no checkpoint yet (one is written after each epoch): start the run again"
+        raise Interrupted(f"{name} during epoch {self.epoch + 1}/{self.epochs}: {then}", int(self._signal or 15))
+
+    def _epoch_end(self, _trainer) -> None:
+        """Track the best epoch's EMA tensors on every rank, then write the checkpoint (rank 0)."""
+        if self.epoch >= self.epochs:  # final_eval reports as epoch + 1
+            return
+        best = self.validated and self.fitness is not None and self.best_fitness == self.fitness
+        if self.dist.enabled:
+            best = self.dist.any(best)  # rank 0 alone holds the fitness
+        if best:
+            self.best_state, self.best_epoch = snapshot(self.ema.ema, self.state_keys()), self.epoch + 1
+        c = self.controls
+        done = self.epoch + 1
+        if c.checkpoint_dir is not None and done < self.epochs and done % max(1, c.save_every) == 0:
+            from lorafit.train.checkpoint import save_checkpoint
+
+            state = capture(self)
+            if self.dist.is_main:
+                save_checkpoint(c.checkpoint_dir, state)
+            self.checkpoint_epoch = done

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import shutil
-import signal
 from copy import copy, deepcopy
 
 import numpy as np
@@ -53,9 +52,9 @@ from lorafit.integrations.ultralytics import (
     merged_copy,
     save_detector_adapter,
 )
-from lorafit.integrations.yolo_state import JobControls, capture, load_into, restore, restore_epoch_start, snapshot
+from lorafit.integrations.yolo_state import EpochControl, JobControls, load_into, restore
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import Interrupted, LorafitError, TrainingDiverged
+from lorafit.train.errors import LorafitError, TrainingDiverged
 
 configure_offline()
 
@@ -64,7 +63,7 @@ from ultralytics.utils import DEFAULT_CFG, RANK  # noqa: E402
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model  # noqa: E402
 
 
-class LoraDetectionTrainer(DetectionTrainer):
+class LoraDetectionTrainer(EpochControl, DetectionTrainer):
     """Ultralytics detection training of LoRA adapters (or of every weight with ``full_finetune``).
 
     Args:
@@ -316,53 +315,6 @@ class LoraDetectionTrainer(DetectionTrainer):
             raise TrainingDiverged(f"detection training diverged at epoch {epoch + 1} (non-finite "
                                    f"{'loss' if loss_bad else 'fitness'}); lower --lr")
         return False
-
-    # ------------------------------------------------------------------ epochs, signals, checkpoints
-    def request_stop(self, signum: int) -> None:
-        """Signal handler body: stop after the current batch (every rank, see :meth:`_batch_end`)."""
-        self._signal = signum
-
-    def _epoch_start(self, _trainer) -> None:
-        sampler = self.train_loader.sampler
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
-            sampler.set_epoch(self.epoch)  # Ultralytics only does it under torchrun
-        if self.controls.resume is not None and self.epoch == self.start_epoch:
-            if self.restore_close_mosaic is not None:
-                self.args.close_mosaic = self.restore_close_mosaic
-            restore_epoch_start(self, self.controls.resume)
-
-    def _batch_end(self, _trainer) -> None:
-        stop = self._signal is not None
-        if self.dist.enabled:
-            stop = self.dist.any(stop)
-        if not stop:
-            return
-        name = signal.Signals(self._signal or signal.SIGTERM).name
-        where = self.controls.checkpoint_dir
-        if self.checkpoint_epoch is not None and where is not None:
-            then = f"resume with: lorafit train --resume {where} (continues after epoch {self.checkpoint_epoch})"
-        else:
-            then = "no checkpoint yet (one is written after each epoch): start the run again"
-        raise Interrupted(f"{name} during epoch {self.epoch + 1}/{self.epochs}: {then}", int(self._signal or 15))
-
-    def _epoch_end(self, _trainer) -> None:
-        """Track the best epoch's EMA tensors on every rank, then write the checkpoint (rank 0)."""
-        if self.epoch >= self.epochs:  # final_eval reports as epoch + 1
-            return
-        best = self.validated and self.fitness is not None and self.best_fitness == self.fitness
-        if self.dist.enabled:
-            best = self.dist.any(best)  # rank 0 alone holds the fitness
-        if best:
-            self.best_state, self.best_epoch = snapshot(self.ema.ema, self.state_keys()), self.epoch + 1
-        c = self.controls
-        done = self.epoch + 1
-        if c.checkpoint_dir is not None and done < self.epochs and done % max(1, c.save_every) == 0:
-            from lorafit.train.checkpoint import save_checkpoint
-
-            state = capture(self)
-            if self.dist.is_main:
-                save_checkpoint(c.checkpoint_dir, state)
-            self.checkpoint_epoch = done
 
     def save_model(self):
         """Write last.pt / best.pt with the merged EMA model, and the adapter beside them (rank 0)."""
