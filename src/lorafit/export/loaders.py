@@ -66,7 +66,7 @@ def _read_json(path: Path) -> dict:
         raise LorafitError(f"{path}: not valid JSON") from None
 
 
-def _run_seed(adapter_dir: Path) -> int:
+def run_seed(adapter_dir: Path) -> int:
     cfg = adapter_dir.parent / "config.yaml"
     if cfg.is_file():
         import yaml
@@ -123,7 +123,7 @@ def _detect_pair(model_spec: str, adapter_dir: Path, imgsz: int | None) -> Expor
     job = _read_json(adapter_dir / "lorafit_job.json")
     meta = _read_json(adapter_dir / "lorafit_detect.json")
     imgsz = int(imgsz or job.get("imgsz") or meta.get("imgsz") or 320)
-    torch.manual_seed(_run_seed(adapter_dir))
+    torch.manual_seed(run_seed(adapter_dir))
     base = load_detector(model_spec, nc=meta.get("nc") if str(model_spec).endswith((".yaml", ".yml")) else None)
     lora = _load_checked(lambda: load_detector_adapter(deepcopy(base), adapter_dir), adapter_dir).eval()
     merged = merged_copy(lora).fuse(verbose=False).eval()
@@ -150,7 +150,7 @@ def _classify_pair(model_spec: str, adapter_dir: Path, imgsz: int | None) -> Exp
     if not labels:
         raise LorafitError(f"{adapter_dir / 'labels.json'}: missing (an image-classification adapter needs it)")
     imgsz = int(imgsz or job.get("imgsz") or 224)
-    torch.manual_seed(_run_seed(adapter_dir))
+    torch.manual_seed(run_seed(adapter_dir))
     base = create_model(model_spec, len(labels), int(job.get("imgsz") or imgsz)).eval()
     lora = _load_checked(lambda: lorafit.load_adapter(deepcopy(base), adapter_dir), adapter_dir).eval()
     merged = lorafit.merge_and_unload(deepcopy(lora)).eval()

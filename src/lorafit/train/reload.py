@@ -48,7 +48,7 @@ def job_info(directory: Path | None) -> dict[str, Any]:
 
 def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
     """(task module, opts, adapter dir or None), before anything heavy is built."""
-    from lorafit.export.loaders import _run_seed
+    from lorafit.export.loaders import run_seed
     from lorafit.tasks import task_module
     from lorafit.train.job import all_options, refuse_not_applicable, task_defaults
     from lorafit.train.options import resolve
@@ -74,7 +74,7 @@ def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
         )
     base = {k: v for k, v in info.items() if k in JOB_OPTIONS and v is not None}
     if adapter is not None and "seed" not in base:  # a random-weight base is rebuilt with the run's seed
-        base["seed"] = _run_seed(adapter)
+        base["seed"] = run_seed(adapter)
     base["task"] = task_name
     flags = {k: v for k, v in extra.items() if v is not None}
     refuse_not_applicable(task_name, set(flags))
