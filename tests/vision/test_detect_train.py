@@ -60,6 +60,11 @@ def test_base_plus_adapter_reproduces_the_trained_model(adapted, base_pt):
     tol = 1e-4 * max(1.0, ref.abs().max().item())
     assert (merged - ref).abs().max() <= tol
     assert (unmerged - ref).abs().max() <= tol
+    # the literal form: plain lorafit.load_adapter (same classes: nothing to rebuild)
+    plain = lorafit.load_adapter(YOLO(str(base_pt)).model.float(), adapted["run"] / "adapter")
+    with torch.no_grad():
+        out = lorafit.merge_and_unload(plain).eval()(x)[0]
+    assert (out - ref).abs().max() <= tol
 
 
 def test_frozen_weights_and_bn_stats_equal_the_checkpoint(adapted, base_pt):
