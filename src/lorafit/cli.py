@@ -102,7 +102,7 @@ def _leave_torchrun_worker(code: int) -> None:
     tensors created in Python (``all_gather_object`` does), the release needs the GIL. If the main
     thread is already finalizing the interpreter, that thread is torn down mid-destructor and the
     C++ runtime aborts ("terminate called without an active exception", SIGABRT) after every file
-    was written: under load about one run in fifteen, seen with gdb on a core dump. Every output
+    was written: 3 runs in about 70 under CPU contention, seen with gdb on a core dump. Every output
     is written atomically and closed before this point, so nothing is lost by not finalizing.
 
     Rank 0 alone prints an error, and torchrun kills the other workers as soon as one fails, so a
