@@ -58,11 +58,11 @@ def test_detect_eval_reproduces_the_run_metrics(adapted, tmp_path, capsys):
     got = json.loads(out.read_text())
     assert {"eval_mAP50", "eval_mAP50-95", "eval_precision", "eval_recall"} <= set(got)
     assert "eval_mAP50 " in printed and "images from" in printed
-    # Same val split, same rectangular val batches, same function: the run validated its merged best EMA
-    # model, this is base checkpoint + adapter merged. They differ only by float rounding: Ultralytics' EMA
-    # lerps *every* float tensor, frozen base weights included, so the EMA's copy of the base drifts by a few
-    # ulps from the checkpoint. Measured: equal to the 6 digits of metrics.json, or off by 2e-6 (mAP50-95).
-    # A real fault (square letterbox instead of rect batches moved mAP50 0.342 -> 0.362; no adapter: ~0) is far off.
+    # Same val split, same rectangular val batches, same weights (base checkpoint + the best epoch's adapter,
+    # merged). They differ only by float rounding: the run validated in batches of 32 (this: 8), so the convs
+    # run with other GEMM blockings. Measured: equal to the 6 digits of metrics.json, or off by 2e-6
+    # (mAP50-95). A real fault (square letterbox instead of rect batches moved mAP50 0.342 -> 0.362; no
+    # adapter: ~0) is far off.
     for key in ("eval_mAP50", "eval_mAP50-95", "eval_precision", "eval_recall"):
         assert got[key] == pytest.approx(adapted["metrics"][key], abs=1e-3), key
     assert got["eval_mAP50"] > 0.05  # not a degenerate zero-vs-zero match
