@@ -10,7 +10,6 @@ error here (exporting an adapter onto other base weights gives a wrong model, no
 
 from __future__ import annotations
 
-import json
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lorafit.train.checkpoint import read_json
 from lorafit.train.errors import LorafitError
 
 
@@ -57,15 +57,6 @@ class ExportPair:
     info: dict = field(default_factory=dict)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError:
-        raise LorafitError(f"{path}: not valid JSON") from None
-
-
 def run_seed(adapter_dir: Path) -> int:
     cfg = adapter_dir.parent / "config.yaml"
     if cfg.is_file():
@@ -94,7 +85,7 @@ def _load_checked(load, adapter_dir: Path):
 
 
 def task_of(model_spec: str, adapter_dir: Path) -> str:
-    job = _read_json(adapter_dir / "lorafit_job.json")
+    job = read_json(adapter_dir / "lorafit_job.json")
     if job.get("task"):
         return job["task"]
     if str(model_spec).startswith(("timm:", "torchvision:")):
@@ -120,8 +111,8 @@ def load_pair(model_spec: str, adapter_dir, imgsz: int | None = None) -> ExportP
 def _detect_pair(model_spec: str, adapter_dir: Path, imgsz: int | None) -> ExportPair:
     from lorafit.integrations.ultralytics import detect_head, load_detector, load_detector_adapter, merged_copy
 
-    job = _read_json(adapter_dir / "lorafit_job.json")
-    meta = _read_json(adapter_dir / "lorafit_detect.json")
+    job = read_json(adapter_dir / "lorafit_job.json")
+    meta = read_json(adapter_dir / "lorafit_detect.json")
     imgsz = int(imgsz or job.get("imgsz") or meta.get("imgsz") or 320)
     torch.manual_seed(run_seed(adapter_dir))
     base = load_detector(model_spec, nc=meta.get("nc") if str(model_spec).endswith((".yaml", ".yml")) else None)
@@ -145,8 +136,8 @@ def _classify_pair(model_spec: str, adapter_dir: Path, imgsz: int | None) -> Exp
     import lorafit
     from lorafit.tasks.image_classification import create_model
 
-    job = _read_json(adapter_dir / "lorafit_job.json")
-    labels = _read_json(adapter_dir / "labels.json")
+    job = read_json(adapter_dir / "lorafit_job.json")
+    labels = read_json(adapter_dir / "labels.json")
     if not labels:
         raise LorafitError(f"{adapter_dir / 'labels.json'}: missing (an image-classification adapter needs it)")
     imgsz = int(imgsz or job.get("imgsz") or 224)

@@ -25,7 +25,6 @@ level: ultralytics is imported when the task runs.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -381,11 +380,3 @@ def _base_bytes(model_path: str, base_params: int) -> int:
     """The base checkpoint's file size, or fp32 parameter bytes for a yaml-built model."""
     p = Path(model_path)
     return p.stat().st_size if p.suffix == ".pt" and p.is_file() else 4 * base_params
-
-
-def read_job(directory: str | Path) -> dict:
-    path = Path(directory) / "lorafit_job.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LorafitError(f"{path}: missing (not a detect adapter directory)") from None

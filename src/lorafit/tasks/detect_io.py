@@ -18,23 +18,14 @@ evaluating or merging a finished adapter does not, so it uses the generic reload
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorafit.train.checkpoint import read_json
 from lorafit.train.errors import LorafitError
 
 JOB_FILE = "lorafit_job.json"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError:
-        raise LorafitError(f"{path}: not valid JSON") from None
 
 
 def _names(raw) -> dict[int, str] | None:
@@ -110,8 +101,8 @@ class DetectReload:
         if d.is_file():
             d = d.parent
         self.reload_dir = d
-        self.job = _read_json(d / JOB_FILE)
-        meta = _read_json(d / "lorafit_detect.json")
+        self.job = read_json(d / JOB_FILE)
+        meta = read_json(d / "lorafit_detect.json")
         try:
             self.names = _names(meta.get("names") or self.job.get("names"))
             nc = meta.get("nc") or self.job.get("nc")

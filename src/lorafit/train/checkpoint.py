@@ -60,6 +60,22 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file written beside an adapter or run (``{}`` when absent).
+
+    Raises:
+        LorafitError: the file exists but is not valid JSON (one line naming it).
+    """
+    from lorafit.train.errors import LorafitError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LorafitError(f"{path}: not valid JSON") from None
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Atomically write ``data`` as indented JSON."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

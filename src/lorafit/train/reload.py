@@ -11,7 +11,6 @@ the eval data: ``--eval`` or detection's ``--data``) and ``needs_job_info``.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,15 +34,9 @@ def common_args(parser: argparse.ArgumentParser, adapter_required: bool) -> None
 
 def job_info(directory: Path | None) -> dict[str, Any]:
     """``DIR/lorafit_job.json`` as a dict ({} when absent)."""
-    if directory is None:
-        return {}
-    path = Path(directory) / "lorafit_job.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise LorafitError(f"{path}: not valid JSON") from None
+    from lorafit.train.checkpoint import read_json
+
+    return {} if directory is None else read_json(Path(directory) / "lorafit_job.json")
 
 
 def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
