@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.tasks.detect_io import DetectReload
+from lorafit.tasks.detect_io import DetectReload, ultralytics_device_of
 from lorafit.train.errors import LorafitError
 from lorafit.train.options import Option
 
@@ -56,17 +56,6 @@ OPTIONS = [
 ]
 METRIC_KEYS = {"metrics/mAP50(B)": "eval_mAP50", "metrics/mAP50-95(B)": "eval_mAP50-95",
                "metrics/precision(B)": "eval_precision", "metrics/recall(B)": "eval_recall"}
-
-
-def ultralytics_device(device: str) -> str:
-    """lorafit's auto/cpu/cuda -> Ultralytics' device string."""
-    import torch
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise LorafitError("--device cuda: CUDA is not available")
-        return "0"
-    return "cpu"
 
 
 def rename_metrics(raw: dict[str, Any]) -> dict[str, float]:
@@ -194,7 +183,7 @@ class Task(DetectReload):
             write_normalised_yaml(self.data, run_dir / "data.yaml")
         dist.barrier()
         data_yaml = run_dir / "data.yaml"
-        device = str(dist.device.index or 0) if dist.device.type == "cuda" else "cpu"
+        device = ultralytics_device_of(dist.device)
         imgsz = int(opts.get("imgsz") or DEFAULTS["imgsz"])
         what = "full fine-tuning" if opts.get("full_finetune") else f"LoRA r={opts['rank']} alpha={opts['alpha']:g}"
         procs = f" on {dist.world} processes" if dist.enabled else ""
