@@ -6,7 +6,6 @@ Tiny runs (32 images at 64 px, yolov8n.yaml, 1-2 epochs): each takes a few secon
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,10 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.train.errors import Interrupted, LorafitError
-from vision_helpers import detect_opts
+from vision_helpers import detect_opts, subprocess_env
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent.parent / "src"
 
 # The options the detect task reads (mapped onto Ultralytics' args or JobControls) or that the job reads.
 MAPPED = {"config", "task", "model", "resume", "out", "data", "imgsz", "max_samples", "rank", "alpha", "dropout",
@@ -180,7 +178,7 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes(tiny, tmp_path):
     """2 gloo processes: one run directory, world_size 2, half the images each, identical adapters on both."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "LORAFIT_PROBE_DIR": str(tmp_path)}
+    env = subprocess_env(LORAFIT_PROBE_DIR=str(tmp_path))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={_free_port()}",
            str(HERE / "detect_rank_probe.py"), "train", "--task", "detect", "--model", "yolov8n.yaml", "--data",
@@ -206,7 +204,7 @@ def test_torchrun_two_processes(tiny, tmp_path):
 
 def test_torchrun_resume_is_bit_exact(tiny, tmp_path):
     """2 processes, interrupted during epoch 2 and resumed: the adapter of the uninterrupted 2-process run."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "LORAFIT_PROBE_DIR": str(tmp_path)}
+    env = subprocess_env(LORAFIT_PROBE_DIR=str(tmp_path))
     common = ["--task", "detect", "--model", "yolov8n.yaml", "--data", str(tiny), "--imgsz", "64", "--epochs", "2",
               "--batch-size", "4", "--grad-accum", "3", "--rank", "4", "--device", "cpu"]
 

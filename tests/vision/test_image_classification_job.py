@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from lorafit.train.errors import Interrupted
 from lorafit.train.job import run_train
+from vision_helpers import subprocess_env
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_two_gloo_processes_match_one_process(folder, tmp_path):
     one = run_train(flags(folder, tmp_path / "one", epochs=1, batch_size=4), say=lambda *_: None)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in flags(folder, tmp_path / "two", epochs=1, batch_size=2).items()
             if k != "eval_before"] + ["--no-eval-before"]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "lorafit", "train", *args], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

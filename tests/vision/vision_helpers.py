@@ -13,3 +13,12 @@ def detect_opts(**flags) -> dict:
 
     flags = {"task": "detect", "device": "cpu", **{k: str(v) for k, v in flags.items()}}
     return options.resolve(flags, options.OPTIONS + detect.OPTIONS, lambda _t: dict(detect.DEFAULTS))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment of a child process (torchrun): this checkout's src first, one OpenMP thread each."""
+    import os
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    return {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", **extra}
