@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
 
-from .inject import lora_layers, saved_modules
+from .inject import check_adapter_name, lora_layers, saved_modules
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -33,6 +34,7 @@ def set_adapter(model: nn.Module, name_or_names, _train_only_active: bool = True
     names = (name_or_names,) if isinstance(name_or_names, str) else tuple(name_or_names)
     known = adapter_names(model)
     for n in names:
+        check_adapter_name(n)
         if n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
     for _, layer in lora_layers(model):
@@ -48,9 +50,20 @@ def set_adapter(model: nn.Module, name_or_names, _train_only_active: bool = True
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove an adapter everywhere (unmerging it first where it was merged)."""
-    if name not in adapter_names(model):
-        raise ValueError(f"unknown adapter {name!r}; the model has {adapter_names(model)}")
+    """Remove an adapter everywhere (unmerging it first where it was merged).
+
+    The active set afterwards is PEFT's (0.21, ``BaseTunerLayer.delete_adapter``): deleting an
+    inactive adapter changes nothing; deleting one of several active adapters leaves the others
+    active; deleting the only active adapter activates the first remaining adapter in sorted
+    order, with a warning, and leaves none active only when no adapter remains. So the model
+    never runs as the bare base while `active_adapters` is empty and adapters remain, unnoticed.
+    As with `set_adapter`, the new active adapters become trainable and the others frozen.
+    (PEFT refuses to delete a merged adapter; lorafit unmerges it first.)
+    """
+    known = adapter_names(model)
+    if name not in known:
+        raise ValueError(f"unknown adapter {name!r}; the model has {known}")
+    active = active_adapters(model)
     for _, layer in lora_layers(model):
         if name in layer.adapters:
             layer.detach(name)
@@ -59,6 +72,17 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             mod.detach(name)
     configs = getattr(model, "_lorafit_configs", {})
     configs.pop(name, None)
+    if name not in active:
+        return
+    remaining = [n for n in known if n != name]
+    still_active = [n for n in active if n != name]
+    if still_active:
+        set_adapter(model, still_active)
+    elif remaining:
+        new = sorted(remaining)[0]
+        warnings.warn(f"adapter {name!r} was active and is now deleted; adapter {new!r} is active now",
+                      stacklevel=2)
+        set_adapter(model, new)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

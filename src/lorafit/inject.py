@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import warnings
 
@@ -65,6 +66,27 @@ def name_matches(targets, name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_adapter_name(name) -> str:
+    """Refuse an adapter name that would fail half-way through a commit or escape a directory.
+
+    The name becomes a key of ``nn.ModuleDict`` (which refuses "", "." and its own attribute
+    names such as "keys" or "training" with a KeyError - after earlier layers were already
+    wrapped) and, in `load_adapter`, a sub-directory name (so no separator, no "..", no drive).
+
+    Raises:
+        ValueError: one line naming the bad name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    bad = [c for c in (".", "/", "\\", os.sep, os.altsep or "/", "\0", ":") if c in name]
+    if bad:
+        raise ValueError(f"adapter name {name!r} contains {bad[0]!r}: it is used as a module key and a "
+                         "directory name, so it may not contain '.', '/', '\\' or ':'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is an attribute of nn.ModuleDict; choose another name")
+    return name
 
 
 @dataclasses.dataclass
@@ -242,8 +264,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorafit.LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter, str) or not adapter or "." in adapter:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter!r}")
+    check_adapter_name(adapter)
     plan = plan_injection(model, config, adapter)
     saved = plan_saved(model, config, adapter, {item.name for item in plan})
     commit(model, config, adapter, plan, saved)

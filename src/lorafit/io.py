@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,8 +23,18 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .adapters import adapter_names
 from .config import LoraConfig
-from .inject import base_named_parameters, commit, lora_layers, plan_injection, plan_saved, saved_modules, walk
+from .inject import (
+    base_named_parameters,
+    check_adapter_name,
+    commit,
+    lora_layers,
+    plan_injection,
+    plan_saved,
+    saved_modules,
+    walk,
+)
 from .layers import LoraLayer, wrapper_for
 
 PREFIX = "base_model.model."
@@ -49,6 +60,29 @@ def _base_weights(layers):
     """(name, weight) of targeted full-precision bases (quantized bases are left out)."""
     return [(n, layer.base_weight()) for n, layer in layers
             if not getattr(layer.base_layer, "lorafit_quantized", False)]
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """What `_atomic_write` names its temporary file for `name`: ``.<name>.<8 mkstemp chars>.tmp``."""
+    return re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+
+
+def clean_stale_temps(directory: Path, names=(WEIGHTS_NAME, CONFIG_NAME)) -> list[Path]:
+    """Delete the temporary files a killed save left in `directory` (only our own pattern).
+
+    A save in progress never leaves them (it renames or deletes its file), so any still there
+    come from a process that died mid-write. Two processes saving into one directory at once
+    are not supported anyway (the last rename wins), so there is no live writer to protect.
+    """
+    removed = []
+    if not directory.is_dir():
+        return removed
+    patterns = [_temp_pattern(n) for n in names]
+    for entry in directory.iterdir():
+        if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -104,10 +138,21 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     `lorafit.variants.init`).
 
     Files are written to temporary names and renamed, so an interrupted save never leaves a
-    corrupt adapter behind.
+    corrupt adapter behind; temporary files left by a killed earlier save are deleted.
+
+    Raises:
+        ValueError: unknown or invalid adapter name, or `directory` (or a parent) is an
+            existing file; nothing is written then.
     """
     from safetensors.torch import save_file
 
+    check_adapter_name(adapter)
+    directory = Path(directory)
+    for parent in (directory, *directory.parents):  # before any work: a file in the way is a usage error
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{parent}: exists and is not a directory; save_adapter needs a directory path")
+            break
     configs = getattr(model, "_lorafit_configs", {})
     if adapter not in configs:
         raise ValueError(f"model has no adapter {adapter!r} (adapters: {sorted(configs)})")
@@ -133,8 +178,11 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     if fp:
         meta["lorafit_base_fingerprint"] = fp
     meta.update(metadata or {})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file created in the way since the check above, or no permission
+        raise ValueError(f"{directory}: cannot create the adapter directory ({exc.strerror or exc})") from None
+    clean_stale_temps(directory)
     _atomic_write(directory / WEIGHTS_NAME,
                   lambda tmp: save_file({PREFIX + k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
@@ -142,6 +190,7 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
 
 
 def _resolve_dir(directory, adapter: str) -> Path:
+    check_adapter_name(adapter)  # it may name a sub-directory: never "..", "/abs" or "a/b"
     d = Path(directory)
     if not (d / CONFIG_NAME).is_file() and (d / adapter / CONFIG_NAME).is_file():
         d = d / adapter
@@ -173,6 +222,7 @@ def read_adapter_tensors(directory, adapter: str = "default") -> tuple[dict[str,
             raise ValueError(f"{d / 'adapter_model.bin'}: pickled adapters are not loaded (unsafe); "
                              "convert it to adapter_model.safetensors")
         raise ValueError(f"{path}: file not found")
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -180,6 +230,47 @@ def read_adapter_tensors(directory, adapter: str = "default") -> tuple[dict[str,
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}, meta
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Check the file's first 8 bytes (the little-endian JSON header length) against its size.
+
+    Done before any parser sees the file, so a zero-byte, truncated or foreign file, or one
+    declaring a huge header, is refused with its size named and nothing allocated for it.
+
+    Raises:
+        ValueError: one line naming the file.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"{path}: not a valid safetensors file ({size} bytes; the 8-byte header length "
+                         "is missing)")
+    with open(path, "rb") as f:
+        declared = int.from_bytes(f.read(8), "little")
+    if declared > size - 8:
+        raise ValueError(f"{path}: not a valid safetensors file (declares a {declared}-byte header but the file "
+                         f"has {size} bytes: truncated, or not safetensors)")
+
+
+def read_safetensors_shapes(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({key: shape}, metadata) of a safetensors file without reading any tensor data.
+
+    Raises:
+        ValueError: one line naming the file when it is missing, truncated or not safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    check_safetensors_header(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
+    return shapes, meta
 
 
 def _classify(tensors, infos, file) -> tuple[dict, dict]:
@@ -216,10 +307,17 @@ def _expected_a_groups(base: nn.Module, a, file, key) -> int | None:
 def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
     """Load an adapter directory written by lorafit or PEFT into `model` (injecting as needed).
 
+    Everything is read and checked, and every new module built, before the model is touched
+    (see `lorafit.inject.plan_injection`), so any failure leaves it exactly as it was.
+
     Raises:
-        ValueError: one line naming the file and key for anything that does not fit; the
-            model is unchanged then.
+        ValueError: one line naming the file and key for anything that does not fit, an
+            invalid adapter name, or a name the model already has; the model is unchanged then.
     """
+    check_adapter_name(adapter)
+    if adapter in adapter_names(model) or adapter in getattr(model, "_lorafit_configs", {}):
+        raise ValueError(f"the model already has an adapter {adapter!r}; load with another adapter= name "
+                         "or lorafit.delete_adapter it first")
     config = read_adapter_config(directory, adapter)
     tensors, meta = read_adapter_tensors(directory, adapter)
     file = _resolve_dir(directory, adapter) / WEIGHTS_NAME

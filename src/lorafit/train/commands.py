@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -89,45 +90,55 @@ def _info_args(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_info(directory: str | Path) -> dict[str, Any]:
-    """What ``lorafit info`` reports, as a dict (no model is loaded)."""
-    import re
+    """What ``lorafit info`` reports, as a dict (no model is loaded, no tensor data is read).
 
-    from safetensors import safe_open
+    The LoRA tensors' shapes are checked against the config's rank (``rank_pattern`` included),
+    since a loader would refuse them anyway and the reported rank would be wrong.
 
-    from lorafit.train.checkpoint import dir_bytes
+    Raises:
+        LorafitError: one line naming the file (and key) for a missing, truncated or malformed
+            file, or a tensor whose rank does not match the config.
+    """
+    from lorafit.io import read_safetensors_shapes
+    from lorafit.train.checkpoint import dir_bytes, read_json
 
     d = Path(directory)
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise LorafitError(f"{d}: no adapter_config.json (not an adapter directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise LorafitError(f"{cfg_path}: not valid JSON") from None
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise LorafitError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if not weights.is_file():
         raise LorafitError(f"{d}: no adapter_model.safetensors")
+    try:
+        shapes, meta = read_safetensors_shapes(weights)
+    except ValueError as exc:
+        raise LorafitError(str(exc).splitlines()[0]) from None
+    ranks = _check_ranks(cfg, cfg_path, weights, shapes)
     lora, saved, layers = 0, 0, set()
-    with safe_open(weights, framework="pt") as f:
-        meta = f.metadata() or {}
-        for key in f.keys():
-            n = 1
-            for s in f.get_slice(key).get_shape():
-                n *= s
-            m = re.match(
-                r"base_model\.model\.(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)", key
-            )
-            if m:
-                lora += n
-                layers.add(m.group(1))
-            else:
-                saved += n
+    for key, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        if key in ranks or key.endswith(".lora_magnitude_vector"):
+            lora += n
+            layers.update([ranks[key]] if key in ranks else [])
+        else:
+            saved += n
     patterns: dict[str, int] = {}
     for name in layers:
         pat = re.sub(r"\.\d+\.", ".*.", name)
         patterns[pat] = patterns.get(pat, 0) + 1
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    scale = None if not r or alpha is None else alpha / (r**0.5 if cfg.get("use_rslora") else r)
+    scale = None if not r or not isinstance(alpha, (int, float)) else alpha / (r**0.5 if cfg.get("use_rslora") else r)
     labels_path = d / "labels.json"
+    labels = read_json(labels_path) if labels_path.is_file() else None
+    job = job_info(d)
+    if not isinstance(job, dict):
+        raise LorafitError(f"{d / 'lorafit_job.json'}: expected a JSON object, got {type(job).__name__}")
+    if labels is not None and not isinstance(labels, list):
+        raise LorafitError(f"{labels_path}: expected a JSON list of labels, got {type(labels).__name__}")
     return {
         "path": str(d),
         "peft_type": cfg.get("peft_type"),
@@ -149,9 +160,53 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
         "base_model": cfg.get("base_model_name_or_path"),
         "base_fingerprint": meta.get("lorafit_base_fingerprint"),
         "lorafit_version": meta.get("lorafit_version"),
-        "job": job_info(d),
-        "labels": json.loads(labels_path.read_text(encoding="utf-8")) if labels_path.is_file() else None,
+        "job": job,
+        "labels": labels,
     }
+
+
+_LORA_KEY = re.compile(r"base_model\.model\.(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
+
+
+def _check_ranks(cfg: dict, cfg_path: Path, weights: Path, shapes: dict) -> dict[str, str]:
+    """{LoRA key: layer name}, after checking each A/B shape against ``r`` / ``rank_pattern``.
+
+    A is [r, in, *kernel] and B is [out, r, *ones] (PEFT's layout), except that B of a grouped
+    conv is [out, r / groups, ...]: without the model, only "divides r" can be checked there.
+    """
+    from lorafit.config import pattern_key
+
+    r, pattern = cfg.get("r"), cfg.get("rank_pattern") or {}
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LorafitError(f"{cfg_path}: 'r' must be an integer >= 1, got {r!r}")
+    if not isinstance(pattern, dict) or not all(isinstance(v, int) and v >= 1 for v in pattern.values()):
+        raise LorafitError(f"{cfg_path}: 'rank_pattern' must map patterns to integers >= 1, got {pattern!r}")
+    out, found = {}, {}
+    for key, shape in shapes.items():
+        m = _LORA_KEY.fullmatch(key)
+        if not m:
+            continue
+        layer, slot = m.group(1), m.group(2)
+        owner = layer[: -len(".base_layer.out_proj")] if layer.endswith(".base_layer.out_proj") else layer
+        try:
+            hit = pattern_key(pattern, owner)
+        except re.error as exc:
+            raise LorafitError(f"{cfg_path}: rank_pattern key is not a valid regex ({exc})") from None
+        want = r if hit is None else int(pattern[hit])
+        is_a = slot.endswith("A")
+        got = shape[0] if is_a and len(shape) >= 2 else shape[1] if len(shape) >= 2 else None
+        fits = got == want or (not is_a and len(shape) > 2 and got and want % got == 0)
+        if not fits:
+            where = f"rank_pattern gives r={want} for {owner!r}" if want != r else f"r={r}"
+            raise LorafitError(f"{weights}: key {key!r} has shape {tuple(shape)}, which does not fit "
+                               f"{cfg_path.name}'s {where}")
+        out[key] = layer
+        found.setdefault(layer, set()).add(slot[-1])
+    for layer, slots in found.items():
+        if slots != {"A", "B"}:
+            raise LorafitError(f"{weights}: layer {layer!r} has lora_{slots.pop()} but not its "
+                               f"lora_{'B' if 'A' in slots else 'A'}")
+    return out
 
 
 def _info_run(args: argparse.Namespace) -> int:
