@@ -95,8 +95,12 @@ class TextModel:
     _tokenizer = None
 
     def __init__(self, opts: dict):
+        from lorafit.train.input_checks import check_max_length
+
         self.opts = opts
         self.model_path = resolve_model_path(opts["model"])
+        # config.json only: a --max-length beyond the position table must fail here, not mid-run
+        check_max_length(self.model_path, opts.get("max_length"), opts["model"])
         self.n_train = self.n_eval = 0
 
     @property

@@ -12,6 +12,7 @@ which gives exactly the ids of tokenizing each batch with ``padding=True, trunca
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,23 @@ def label_key(value: Any) -> int | str:
     return text
 
 
+def one_kind_of_label(table: Table, column: str, labels: list[tuple[int, int | str]]) -> None:
+    """Refuse a label column mixing numbers and text (``1`` and ``pos``).
+
+    Such a file is almost always a mistake (a shifted column, a header row repeated), and the
+    two kinds cannot be ordered into one label set; the message names the first row of each.
+    """
+    first: dict[type, tuple[int, Any]] = {}
+    for line, key in labels:
+        first.setdefault(type(key), (line, key))
+        if len(first) == 2:
+            (n_line, n_key), (t_line, t_key) = first[int], first[str]
+            raise LorafitError(
+                f"{table.path} line {line}: column {column!r} mixes numeric labels ({n_key!r} on line "
+                f"{n_line}) and text labels ({t_key!r} on line {t_line}); use one kind"
+            )
+
+
 def sort_labels(keys: set) -> list:
     """Ints in numeric order when every label is an int, else strings in text order."""
     if all(isinstance(k, int) for k in keys):
@@ -92,6 +110,7 @@ class Task(TextModel, LabelFiles):
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)
         self.labels: list | None = None
+        self.file_counts: dict = {}  # label -> rows in the whole training file (before --max-samples)
 
     # ------------------------------------------------------------------ data
     def _texts_labels(self, table: Table) -> tuple[list[str], list[tuple[int, Any]]]:
@@ -121,26 +140,56 @@ class Task(TextModel, LabelFiles):
         if train_path is None:  # the embedded default, with its own eval split
             train_path, eval_path = DEFAULT_TRAIN, eval_path or DEFAULT_EVAL
         table = read_table(train_path)
-        table.rows = take_samples(table.rows, self.opts["max_samples"], self.opts["seed"])
-        texts, labels = self._texts_labels(table)
+        texts, labels = self._texts_labels(table)  # the whole file is checked, not only the sample
+        one_kind_of_label(table, self.opts["label_column"], labels)
+        self.file_counts = Counter(k for _, k in labels)
+        # shuffling indices draws the same permutation as shuffling the rows (it depends on the length only)
+        keep = take_samples(range(len(labels)), self.opts["max_samples"], self.opts["seed"])
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
         self.labels = sort_labels({k for _, k in labels})
+        self._refuse_one_label(table, len(keep))
+        evaluation_table = read_table(eval_path) if eval_path is not None else None
         index = {k: i for i, k in enumerate(self.labels)}
+        evaluation = self._eval_rows(evaluation_table) if evaluation_table is not None else []
         train = self._encode(texts, [index[k] for _, k in labels])
-        evaluation = self.read_eval(eval_path) if eval_path is not None else []
         self.n_train, self.n_eval = len(train), len(evaluation)
         return train, evaluation
 
+    def _refuse_one_label(self, table: Table, kept: int) -> None:
+        """A single class trains a 1-output head: loss 0 and "100%" from the first step, and nothing learned."""
+        if len(self.labels) > 1:
+            return
+        col, only = self.opts["label_column"], self.labels[0]
+        if len(self.file_counts) > 1:
+            raise LorafitError(
+                f"{table.path}: --max-samples {self.opts['max_samples']} kept {kept} rows, all with label "
+                f"{only!r} in column {col!r}, but the file has {len(self.file_counts)} labels; "
+                "raise --max-samples or shuffle the file"
+            )
+        raise LorafitError(
+            f"{table.path}: column {col!r} has one label ({only!r}) in all {kept} rows; "
+            "a classifier needs at least 2 labels"
+        )
+
     def read_eval(self, path) -> list:
         """Eval rows for the label set in ``self.labels``; an unseen label is an error."""
-        table = read_table(path)
+        return self._eval_rows(read_table(path))
+
+    def _eval_rows(self, table: Table) -> list:
         texts, labels = self._texts_labels(table)
         index = {k: i for i, k in enumerate(self.labels)}
         for line, key in labels:
             if key not in index and str(key) not in index:
                 shown = ", ".join(map(str, self.labels[:10])) + (", ..." if len(self.labels) > 10 else "")
+                why = ""
+                if self.file_counts.get(key):  # the training file has it: --max-samples left it out
+                    why = (
+                        f"; --max-samples {self.opts['max_samples']} kept none of the "
+                        f"{self.file_counts[key]} training rows with this label"
+                    )
                 raise LorafitError(
                     f"{table.path} line {line}: label {key!r} in column "
-                    f"{self.opts['label_column']!r} was never seen in training (labels: {shown})"
+                    f"{self.opts['label_column']!r} was never seen in training (labels: {shown}){why}"
                 )
         return self._encode(texts, [index.get(k, index.get(str(k))) for _, k in labels])
 

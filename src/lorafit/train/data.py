@@ -77,6 +77,7 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
         if header is None:
             return Table(path, [], [])
         header = [h.strip() for h in header]
+        _refuse_other_delimiter(path, header, delimiter)
         rows = []
         start = reader.line_num + 1
         for fields in reader:
@@ -92,6 +93,19 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
     except csv.Error as exc:
         raise LorafitError(f"{path} line {reader.line_num}: malformed {path.suffix[1:]} ({exc})") from None
     return Table(path, header, rows)
+
+
+def _refuse_other_delimiter(path: Path, header: list[str], delimiter: str) -> None:
+    """A one-column header holding the other delimiter: a TSV saved as .csv (or the reverse).
+
+    Read with the wrong delimiter such a file gives one column named ``text\tlabel``, or rows
+    split at commas inside the text; naming the extension is the useful message.
+    """
+    other, kind, ext = ("\t", "tab", ".tsv") if delimiter == "," else (",", "comma", ".csv")
+    if len(header) == 1 and other in header[0]:
+        raise LorafitError(
+            f"{path}: the header {header[0]!r} looks {kind}-separated; rename the file to {path.stem}{ext}"
+        )
 
 
 def _read_jsonl(path: Path, text: str) -> Table:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
 from lorafit.train.errors import LorafitError
+from lorafit.train.input_checks import refuse_adapter_options, yaml_error_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,8 @@ class Option:
 
     ``kind``: "str", "int", "float", "bool", "path" (a string naming a file or directory), or
     "optional-path" (``--resume``: a flag that may be given bare). ``minimum`` bounds numbers
-    (inclusive) and ``above`` makes it exclusive. ``None`` is always accepted as "not set".
+    (inclusive) and ``above`` makes it exclusive; ``maximum`` / ``below`` likewise from above.
+    ``None`` is always accepted as "not set".
     """
 
     name: str
@@ -35,6 +38,8 @@ class Option:
     choices: tuple | None = None
     minimum: float | None = None
     above: bool = False
+    maximum: float | None = None
+    below: bool = False
     metavar: str | None = None
     group: str = "training"
 
@@ -115,7 +120,10 @@ OPTIONS: list[Option] = [
         above=True,
         group="lora",
     ),
-    Option("dropout", "float", 0.0, "dropout on the adapter input.", minimum=0, group="lora"),
+    Option(
+        "dropout", "float", 0.0, "dropout on the adapter input, 0 <= p < 1.", minimum=0, maximum=1, below=True,
+        group="lora",
+    ),
     Option(
         "targets",
         "str",
@@ -206,8 +214,17 @@ OPTIONS: list[Option] = [
         "out",
         "path",
         None,
-        "run directory (default ./runs/<task>-<timestamp>/).",
+        "run directory (default ./runs/<task>-<timestamp>/); it must be absent or empty, unless "
+        "--overwrite or --resume.",
         metavar="DIR",
+        group="output",
+    ),
+    Option(
+        "overwrite",
+        "bool",
+        False,
+        "replace the run already in --out (its files are deleted, best/ included); without it a "
+        "non-empty --out is refused.",
         group="output",
     ),
     Option(
@@ -273,11 +290,24 @@ def coerce(opt: Option, value: Any, source: str) -> Any:
     if opt.minimum is not None and (value < opt.minimum or (opt.above and value == opt.minimum)):
         rel = ">" if opt.above else ">="
         raise LorafitError(f"{source}: must be {rel} {opt.minimum:g}, got {value!r}")
+    if opt.maximum is not None and (value > opt.maximum or (opt.below and value == opt.maximum)):
+        rel = "<" if opt.below else "<="
+        raise LorafitError(f"{source}: must be {rel} {opt.maximum:g}, got {value!r}")
     return value
 
 
+# A negative number, exponent included. argparse's own pattern (``-1``, ``-.5``) misses ``-1e-3``,
+# so ``--lr -1e-3`` was "expected one argument" instead of reaching coerce's range check.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def add_arguments(parser: argparse.ArgumentParser, options: list[Option]) -> None:
-    """Add ``options`` to ``parser`` with suppressed defaults (so only typed flags appear)."""
+    """Add ``options`` to ``parser`` with suppressed defaults (so only typed flags appear).
+
+    Negative numbers are taken as values (``--lr -1e-3``), so that coerce names the range. No
+    option of ours looks like a number, which is the condition argparse itself uses to allow it.
+    """
+    parser._negative_number_matcher = NEGATIVE_NUMBER  # private, but stable since Python 3.2
     groups: dict[str, Any] = {}
     for opt in options:
         group = groups.get(opt.group)
@@ -318,9 +348,7 @@ def load_yaml(path: str | Path, options: list[Option]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise LorafitError(f"{path}{where}: invalid YAML") from None
+        raise LorafitError(yaml_error_line(path, text, exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -368,12 +396,12 @@ def resolve(
     by_key = {o.key: o for o in options}
     typed = {k: coerce(by_key[k], v, "--" + by_key[k].name) for k, v in flags.items()}
     layers = [dict(base or {})]
-    if typed.get("config"):
-        layers.append(load_yaml(typed["config"], options))
-    layers.append(typed)
+    from_config = load_yaml(typed["config"], options) if typed.get("config") else {}
+    layers += [from_config, typed]
     user: dict[str, Any] = {}
     for layer in layers:
         user.update(layer)
+    refuse_adapter_options(user, typed, from_config, typed.get("config"))
     task = user.get("task") or by_key["task"].default
     merged = {o.key: o.default for o in options}
     merged.update(task_defaults(task))
