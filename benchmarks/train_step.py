@@ -47,6 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tables import infer_table, paired, round_ms, spread, text, train_table  # noqa: E402
+
 R, ALPHA = 16, 32
 N_ADAPTERS, INFER_ROWS = 8, 16
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -325,14 +328,15 @@ def sequential(fn, dev, warmup, iters):
 
 
 def summarize(times, tokens):
-    med = statistics.median(times)
-    return {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "tokens_per_s": tokens / med,
-            "times_ms": [round(t * 1e3, 3) for t in times]}
+    """Per-round times (s) -> stored ms (rounded to 1 us) and their spread, computed from the stored values."""
+    ms = round_ms(times)
+    e = spread(ms)
+    return {**e, "tokens_per_s": tokens / (e["median_ms"] / 1e3), "times_ms": ms}
 
 
-def paired_ratio(times, ref):
-    """Median over rounds of t / t_ref (same round): robust to load that drifts between rounds."""
-    return statistics.median(a / b for a, b in zip(times, ref))
+def paired_ms(times, ref):
+    """Paired ratio (median and p25-p75 over rounds of t / t_ref, same round) of two per-round lists in s."""
+    return paired(round_ms(times), round_ms(ref))
 
 
 def run_train(base, ids, dev, args, schedule, base_fp=None):
@@ -353,15 +357,18 @@ def run_train(base, ids, dev, args, schedule, base_fp=None):
         times, cpu = interleaved(fns, dev, args.warmup, args.iters)
         for k, t in times.items():
             res[k].update(summarize(t, tokens))
-            res[k]["x_floor_paired"] = paired_ratio(t, times["frozen_floor"])
-            res[k]["cpu_median_ms"] = statistics.median(cpu[k]) * 1e3
-            res[k]["x_floor_paired_cpu"] = paired_ratio(cpu[k], cpu["frozen_floor"])
+            res[k]["cpu"] = {"times_ms": round_ms(cpu[k]), "median_ms": statistics.median(round_ms(cpu[k]))}
+            # every ratio is paired: same-round times, so load drifting between rounds cancels
+            res[k]["paired"] = {"x_floor": paired_ms(t, times["frozen_floor"]),
+                                "x_peft": paired_ms(t, times["peft"]),
+                                "x_floor_cpu": paired_ms(cpu[k], cpu["frozen_floor"]),
+                                "x_peft_cpu": paired_ms(cpu[k], cpu["peft"])}
         if base_fp is not None:
             res["_base_unchanged"] = bool(torch.equal(fingerprint(base), base_fp))
-        res["_paired"] = {"lorafit_over_peft": paired_ratio(times["lorafit"], times["peft"]),
-                          "lorafit_over_minilora": paired_ratio(times["lorafit"], times["minilora"]),
-                          "lorafit_over_peft_cpu": paired_ratio(cpu["lorafit"], cpu["peft"]),
-                          "lorafit_over_minilora_cpu": paired_ratio(cpu["lorafit"], cpu["minilora"])}
+        res["_paired"] = {"lorafit_over_peft": res["lorafit"]["paired"]["x_peft"],
+                          "lorafit_over_minilora": paired_ms(times["lorafit"], times["minilora"]),
+                          "lorafit_over_peft_cpu": res["lorafit"]["paired"]["x_peft_cpu"],
+                          "lorafit_over_minilora_cpu": paired_ms(cpu["lorafit"], cpu["minilora"])}
         del fns, keep
     else:  # sequential, in place on one model (no extra copy counted in the CUDA peak)
         model = base
@@ -396,7 +403,8 @@ def run_train(base, ids, dev, args, schedule, base_fp=None):
     for k, e in res.items():
         if k.startswith("_") or not isinstance(e, dict) or "median_ms" not in e:
             continue
-        e["x_floor"] = e["median_ms"] / floor["median_ms"]
+        # a ratio of medians, named so: the only ratio a sequential (CUDA) run has
+        e["x_floor_of_medians"] = e["median_ms"] / floor["median_ms"]
         e["saved_x_floor"] = e["saved_bytes"] / floor["saved_bytes"]
         if e.get("peak_bytes") and floor.get("peak_bytes"):
             e["peak_x_floor"] = e["peak_bytes"] / floor["peak_bytes"]
@@ -471,9 +479,10 @@ def run_infer(base, weights, prefill, onetok, dev, args, schedule):
             for (key, ph), t in times.items():
                 e = res.setdefault(key, {})
                 e[ph] = summarize(t, toks[ph])
-                e[ph]["x_base_paired"] = paired_ratio(t, times[("base", ph)])
-                e[ph]["cpu_median_ms"] = statistics.median(cpu[(key, ph)]) * 1e3
-                e[ph]["x_base_paired_cpu"] = paired_ratio(cpu[(key, ph)], cpu[("base", ph)])
+                c = round_ms(cpu[(key, ph)])
+                e[ph]["cpu"] = {"times_ms": c, "median_ms": statistics.median(c)}
+                e[ph]["paired"] = {"x_base": paired_ms(t, times[("base", ph)]),
+                                   "x_base_cpu": paired_ms(cpu[(key, ph)], cpu[("base", ph)])}
             for c in cleanups:
                 c()
             del fns, keep
@@ -493,7 +502,7 @@ def run_infer(base, weights, prefill, onetok, dev, args, schedule):
             free(dev)
     for e in res.values():
         for ph in toks:
-            e[ph]["x_base"] = e[ph]["median_ms"] / res["base"][ph]["median_ms"]
+            e[ph]["x_base_of_medians"] = e[ph]["median_ms"] / res["base"][ph]["median_ms"]
     res["_labels"] = {k: lbl for k, lbl, _ in variants}
     return res
 
@@ -595,8 +604,8 @@ def run_checks(base, weights, ids, prefill, dev, dtype):
 
 
 # ----------------------------------------------------------------------------- report
-def fmt_bytes(n):
-    return "-" if n is None else f"{n / 2**20:,.1f}"
+def _pr(p):
+    return f"{p['median']:.3f} (p25-p75 {p['p25']:.3f}-{p['p75']:.3f}, {p['n']} rounds)"
 
 
 def print_report(meta, train, infer, checks, targets):
@@ -611,46 +620,25 @@ def print_report(meta, train, infer, checks, targets):
         print(f"note: load average {la[0]} -> {meta['loadavg_end'][0]} on {meta['cpu_count']} CPUs: other processes "
               f"competed for the cores; trust the paired ratios over the absolute times")
     if train:
-        mem_col = "peak MiB" if dev == "cuda" else "saved MiB"
-        print(f"training step, {meta['train_batch']} x {meta['train_seq']} tokens, r={R} alpha={ALPHA} all-linear")
-        hdr = f"{'method':18s} {'median ms':>10s} {'min ms':>9s} {'x floor':>8s}"
-        hdr += f" {'paired':>7s} {'cpu ms':>8s} {'paired':>7s}" if paired else ""
-        hdr += f" {mem_col:>10s} {'x floor':>8s} {'tokens/s':>10s} {'trainable':>12s}"
-        print(hdr)
-        for v in TRAIN:
-            e = train.get(v.key, {})
-            if "median_ms" not in e:
-                print(f"{v.label:18s} {e.get('error', 'n/a'):>10s}")
-                continue
-            mem = e["peak_bytes"] if dev == "cuda" else e["saved_bytes"]
-            memx = e.get("peak_x_floor") if dev == "cuda" else e["saved_x_floor"]
-            line = f"{v.label:18s} {e['median_ms']:10.1f} {e['min_ms']:9.1f} {e['x_floor']:8.2f}"
-            line += f" {e['x_floor_paired']:7.2f} {e['cpu_median_ms']:8.1f} {e['x_floor_paired_cpu']:7.2f}" \
-                if paired else ""
-            line += f" {fmt_bytes(mem):>10s} {memx if memx is not None else float('nan'):8.2f} " \
-                    f"{e['tokens_per_s']:10,.0f} {e['trainable']:12,d}"
-            print(line)
+        # one column per measure (bench_tables.py); on CPU every ratio is paired, with its p25-p75
+        print(f"training step, r={R} alpha={ALPHA} all-linear, {meta['iters']} "
+              + ("interleaved rounds; x REF paired = median over rounds of (time / REF's time in the same "
+                 "round), (p25-p75) of those per-round ratios" if paired else
+                 "sequential steps per method; x floor = ratio of the medians (no pairing)"))
+        print(text(*train_table(train, meta)))
         if dev == "cuda":
-            print("(saved for backward, MiB: " + ", ".join(
-                f"{v.label} {fmt_bytes(train[v.key].get('saved_bytes'))}" for v in TRAIN if v.key in train) + ")")
+            done = [v for v in TRAIN if "median_ms" in train.get(v.key, {})]
+            print("(peak MiB = torch.cuda.max_memory_allocated; tokens/s: "
+                  + ", ".join(f"{v.label} {train[v.key]['tokens_per_s']:,.0f}" for v in done) + ")")
         if paired:
             pr = train["_paired"]
-            print(f"paired per-round ratios, wall (cpu time): lorafit / PEFT {pr['lorafit_over_peft']:.3f} "
-                  f"({pr['lorafit_over_peft_cpu']:.3f}), lorafit / 20-line LoRA {pr['lorafit_over_minilora']:.3f} "
-                  f"({pr['lorafit_over_minilora_cpu']:.3f})")
+            print("lorafit / PEFT, paired: wall " + _pr(pr["lorafit_over_peft"]) + ", cpu time "
+                  + _pr(pr["lorafit_over_peft_cpu"]) + "; lorafit / 20-line LoRA, paired: wall "
+                  + _pr(pr["lorafit_over_minilora"]) + ", cpu time " + _pr(pr["lorafit_over_minilora_cpu"]))
         print()
     if infer:
-        pf, ot = meta["infer_prefill"], meta["infer_1tok"]
         print(f"inference (eval, no_grad), {N_ADAPTERS} adapters for the mixed rows (row i uses a[i % {N_ADAPTERS}])")
-        print(f"{'method':26s} {'prefill ' + pf:>14s} {'x base':>7s}" + (f" {'paired':>7s}" if paired else "")
-              + f" {'1 tok ' + ot:>12s} {'x base':>7s}" + (f" {'paired':>7s}" if paired else ""))
-        for key, label in infer["_labels"].items():
-            e = infer[key]
-            line = f"{label:26s} {e['prefill']['median_ms']:11.2f} ms {e['prefill']['x_base']:7.2f}"
-            line += f" {e['prefill']['x_base_paired']:7.2f}" if paired else ""
-            line += f" {e['1tok']['median_ms']:9.2f} ms {e['1tok']['x_base']:7.2f}"
-            line += f" {e['1tok']['x_base_paired']:7.2f}" if paired else ""
-            print(line)
+        print(text(*infer_table(infer, meta)))
         print()
     if checks:
         bad = [c for c in checks if not c["ok"]]
@@ -681,14 +669,19 @@ def compute_targets(dev, train, infer):
     if "median_ms" not in lf or "median_ms" not in pe:
         return t
     if dev == "cpu":
-        pr = train.get("_paired", {})
-        ratio = pr.get("lorafit_over_peft", lf["median_ms"] / pe["median_ms"])
-        value = f"{ratio:.3f}x" + (f" (cpu time {pr['lorafit_over_peft_cpu']:.3f}x)" if pr else "")
+        pr = train.get("_paired")
+        if pr:
+            ratio = pr["lorafit_over_peft"]["median"]
+            value = f"{_pr(pr['lorafit_over_peft'])}, cpu time {pr['lorafit_over_peft_cpu']['median']:.3f}"
+        else:  # sequential on cpu: only a ratio of medians exists
+            ratio = lf["median_ms"] / pe["median_ms"]
+            value = f"{ratio:.3f} (ratio of medians)"
         add("step <= 0.95x PEFT's" + (" (paired, wall clock)" if pr else ""), value, ratio <= 0.95)
         add("saved for backward <= PEFT's", f"{lf['saved_bytes'] / 2**20:.1f} vs {pe['saved_bytes'] / 2**20:.1f} MiB",
             lf["saved_bytes"] <= pe["saved_bytes"])
     else:
-        add("step <= 1.10x floor", f"{lf['x_floor']:.3f}x", lf["x_floor"] <= 1.10)
+        add("step <= 1.10x floor (ratio of medians)", f"{lf['x_floor_of_medians']:.3f}x",
+            lf["x_floor_of_medians"] <= 1.10)
         if lf.get("peak_bytes") and mini.get("peak_bytes"):
             add("peak <= 20-line LoRA's", f"{lf['peak_bytes'] / 2**30:.2f} vs {mini['peak_bytes'] / 2**30:.2f} GiB",
                 lf["peak_bytes"] <= mini["peak_bytes"])
@@ -696,11 +689,11 @@ def compute_targets(dev, train, infer):
             add("faster than full fine-tuning", f"{lf['median_ms']:.1f} vs {train['full_ft']['median_ms']:.1f} ms",
                 lf["median_ms"] < train["full_ft"]["median_ms"])
         for ph in ("prefill", "1tok"):
-            x = infer["lorafit"][ph]["x_base"]
+            x = infer["lorafit"][ph]["x_base_of_medians"]
             add(f"unmerged inference <= 1.10x base ({ph})", f"{x:.3f}x", x <= 1.10)
-            x = infer["merged"][ph]["x_base"]
+            x = infer["merged"][ph]["x_base_of_medians"]
             add(f"merged = base ({ph}, <= 1.03x)", f"{x:.3f}x", x <= 1.03)
-            x = infer["lorafit_mixed8"][ph]["x_base"]
+            x = infer["lorafit_mixed8"][ph]["x_base_of_medians"]
             add(f"8 mixed adapters <= 1.3x base ({ph})", f"{x:.3f}x", x <= 1.3)
     return t
 
