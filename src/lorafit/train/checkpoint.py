@@ -2,9 +2,12 @@
 
 Every file goes to a temporary name in the same directory and is then ``os.replace``-d onto its
 final name (atomic on POSIX), so a kill at any moment leaves either the old file or the new one.
-Directories (``adapter/``) are built under a temporary name and swapped in with two renames; the
-old copy stays as ``<name>.old`` until the new one is in place, so a complete adapter exists at
-every instant.
+Directories (``adapter/``) are built under a temporary name and swapped in with one atomic
+``renameat2(RENAME_EXCHANGE)`` on Linux, so a complete adapter is at ``adapter/`` at every instant
+(the old copy ends under the temporary name and is deleted). Where the exchange is unavailable
+(another OS, a filesystem without it) two renames are used: the old copy is moved to
+``<name>.old`` before the new one takes its name, and a kill between the two leaves a complete
+``<name>.old`` that :func:`lorafit.train.rundir.clean_leftovers` renames back at the next start.
 
 The checkpoint (``checkpoint.pt``) holds what an exact resume needs: the trainable tensors, the
 optimizer, scheduler and grad-scaler states, the step counter and evaluation history, and the
@@ -16,10 +19,13 @@ objects.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -81,15 +87,63 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_renameat2: Any = None  # resolved on first use; False where libc has none
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the directory entries ``a`` and ``b`` in one atomic step (Linux ``renameat2``).
+
+    Returns False, having changed nothing, where that is not possible: not Linux, a libc without
+    ``renameat2`` (glibc < 2.28, musl), or a filesystem refusing ``RENAME_EXCHANGE`` (EINVAL).
+
+    Raises:
+        OSError: any other failure (a missing path, permissions), with errno set.
+    """
+    global _renameat2
+    if _renameat2 is None:
+        func = None
+        if sys.platform.startswith("linux"):
+            func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+        if func is not None:
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            func.restype = ctypes.c_int
+        _renameat2 = func or False
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def replace_dir(final: str | Path, build: Callable[[Path], None]) -> None:
-    """Build a directory with ``build(tmp_dir)`` and swap it in place of ``final``."""
+    """Build a directory with ``build(tmp_dir)`` and swap it in place of ``final``.
+
+    ``final`` holds a complete copy at every instant: the old one until an atomic exchange puts the
+    new one there (see the module docstring for the fallback). A failing ``build`` leaves ``final``
+    untouched.
+
+    Raises:
+        LorafitError: ``final`` exists and is not a directory (a file is never replaced by a tree).
+    """
+    from lorafit.train.errors import LorafitError
+
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise LorafitError(f"{final}: exists and is not a directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     old = final.with_name(final.name + ".old")
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         build(tmp)
+        if final.exists() and exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old copy
+            return
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
@@ -151,22 +205,57 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """Read ``<run_dir>/checkpoint.pt``; None when there is none."""
+def load_checkpoint(run_dir: str | Path, mmap: bool = False) -> dict[str, Any] | None:
+    """Read ``<run_dir>/checkpoint.pt``; None when there is none.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check that the file is whole
+    (a truncated zip has lost its central directory, which is at the end) before a model is loaded.
+
+    Raises:
+        LorafitError: the file is empty, truncated, not a checkpoint or not loadable without
+            unpickling code; one line naming it (the file is left as it is).
+    """
+    from lorafit.train.errors import LorafitError
+
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_file() and path.stat().st_size == 0:
+        raise LorafitError(f"{path}: empty file, not a checkpoint (the run directory was not changed)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle, EOF, OS errors: all mean "cannot use this file"
+        reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
+        raise LorafitError(
+            f"{path}: cannot read the checkpoint, truncated or corrupt ({reason}); the run directory was not changed"
+        ) from None
+    if not isinstance(state, dict):
+        raise LorafitError(f"{path}: not a lorafit checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def restore_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpointed trainable tensors back into ``model`` (names must match exactly)."""
+    """Copy checkpointed trainable tensors back into ``model`` (names and shapes must match exactly).
+
+    Everything is checked before the first copy, so a mismatch leaves the model as it was.
+
+    Raises:
+        LorafitError: a name or a shape differs (the checkpoint is from another configuration).
+    """
+    from lorafit.train.errors import LorafitError
+
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     unknown = [n for n in tensors if n not in params]
-    if missing or unknown:
-        raise RuntimeError(
-            f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}"
+    shapes = [
+        f"{n} {tuple(v.shape)} vs {tuple(params[n].shape)}"
+        for n, v in tensors.items()
+        if n in params and v.shape != params[n].shape
+    ]
+    if missing or unknown or shapes:
+        raise LorafitError(
+            f"{CHECKPOINT} does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}, "
+            f"shapes {shapes[:3]}): resume with the run's own options"
         )
     with torch.no_grad():
         for name, value in tensors.items():

@@ -13,6 +13,7 @@ Run directory layout (rank 0 writes, everything atomically)::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -25,7 +26,7 @@ import torch
 
 from lorafit.tasks import TASKS, task_module
 from lorafit.train import checkpoint as ckpt
-from lorafit.train import distributed, options
+from lorafit.train import distributed, options, rundir
 from lorafit.train.errors import LorafitError
 from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
 
@@ -96,20 +97,49 @@ def refuse_not_applicable(task: str, given: set[str]) -> None:
 
 
 def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
-    """Resolve the options; returns (opts, run directory to resume or None)."""
+    """Resolve the options and check everything that can be checked before a model is loaded.
+
+    Returns (opts, run directory to resume or None). ``opts["overwrite"]`` is still there for
+    :func:`run_train`, which pops it before anything is recorded. Three phases, in this order:
+
+    1. resolve: defaults < the resumed run's config.yaml < --config < flags;
+    2. validate the option values and combinations (only option values and config files are read);
+    3. the run directory (rank 0): ``--out`` absent, empty or ``--overwrite``; ``--resume`` with
+       unchanged options and a readable checkpoint; a killed save's leftovers cleaned.
+
+    Raises:
+        LorafitError: one line naming the flag, file or value (exit code 2 from the CLI).
+    """
     table = all_options()
     run = None
     base = None
     if flags.get("resume") is not None:
         run = find_run(flags["resume"], flags.get("out"), flags.get("task"))
         base = options.load_yaml(run / "config.yaml", table)
+        base.pop("overwrite", None)  # never recorded; a hand-edited config.yaml must not carry it
     opts = options.resolve(flags, table, task_defaults, base)
+
+    # 2. validate: nothing but option values and config files is read
     refuse_not_applicable(opts["task"], options.user_keys(flags, table))
-    if run is not None:
-        opts["out"] = str(run)
+    options.parse_targets(opts["targets"])
     opts.pop("config", None)
     opts.pop("resume", None)
-    options.parse_targets(opts["targets"])  # validate early, before loading anything
+
+    # 3. the run directory: refused before anything is loaded or written
+    main = rundir.is_main_process()
+    if run is not None:
+        if opts["overwrite"]:
+            raise LorafitError("--overwrite cannot go with --resume (one starts the run over, the other continues it)")
+        given_out = flags.get("out")
+        if flags.get("resume") is not True and given_out and os.path.abspath(given_out) != os.path.abspath(run):
+            raise LorafitError(f"--resume {run} and --out {given_out} name different runs; give one of them")
+        recorded = options.resolve({}, table, task_defaults, base)
+        rundir.refuse_changes(run, opts, recorded, table)
+        opts["out"] = str(run)
+        if main:
+            rundir.check_resume(run)
+    elif opts["out"] and main:
+        rundir.check_new_run(opts["out"], opts["overwrite"])
     return opts, run
 
 
@@ -206,18 +236,39 @@ def run_train(
     """
     wall0 = time.perf_counter()
     opts, resume_dir = prepare(flags)
+    overwrite = opts.pop("overwrite")  # an action, not a setting of the run: never in config.yaml
     quiet_transformers()
     task = task_module(opts["task"]).Task(opts)
-    if getattr(task, "owns_loop", False):  # e.g. detection through ultralytics' own trainer
-        return task.run(say=say, resume=resume_dir)  # it joins the process group itself (torchrun)
+    reserved: list[str] = []  # a default run directory this process created (removed if left empty)
+    try:
+        if getattr(task, "owns_loop", False):  # e.g. detection through ultralytics' own trainer
+            if rundir.is_main_process():
+                if opts["out"] is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                    reserved.append(rundir.reserve_default(opts["task"]))
+                    opts["out"] = reserved[0]
+                if overwrite:
+                    rundir.clear_old_run(opts["out"])
+            return task.run(say=say, resume=resume_dir)  # it joins the process group itself (torchrun)
+        return _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wall0)
+    except BaseException:
+        for path in reserved:  # nothing was written there: leave no empty run directory behind
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+
+
+def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wall0) -> dict[str, Any]:
+    """:func:`run_train` for the tasks that use lorafit's own loop (:class:`~lorafit.train.loop.Trainer`)."""
     dist = distributed.setup(opts["device"])
     try:
         if not dist.is_main:
             say = lambda *_: None  # noqa: E731
+        if opts["out"] is None:  # rank 0 creates a fresh directory and every rank uses its name
+            if dist.is_main:
+                reserved.append(rundir.reserve_default(opts["task"]))
+            opts["out"] = dist.gather_objects(reserved[0] if reserved else None)[0]
+        run_dir = Path(opts["out"])
         train_rows, eval_rows = task.load_data()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(opts["out"] or dist.gather_objects(f"runs/{opts['task']}-{stamp}")[0])
-        opts["out"] = str(run_dir)
         opts["title"] = f"{opts['task']} on {opts['model']}"
         model = build(opts, task)
         trainable, total = count_params(model)
@@ -225,7 +276,11 @@ def run_train(
         params = [p for p in model.parameters() if p.requires_grad]
         dist.broadcast_params(params)
         state = ckpt.load_checkpoint(run_dir) if resume_dir is not None else None
+        if resume_dir is not None and state is None:
+            raise LorafitError(f"--resume {run_dir}: {ckpt.CHECKPOINT} disappeared while the model was loading")
         if dist.is_main:
+            if overwrite:  # only now, once the model is built: a failure before keeps the old run
+                rundir.clear_old_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in opts.items() if k != "title"}
             import yaml

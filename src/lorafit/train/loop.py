@@ -28,7 +28,7 @@ import torch
 from lorafit.optim import param_groups
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import Interrupted, TrainingDiverged
+from lorafit.train.errors import Interrupted, LorafitError, TrainingDiverged
 from lorafit.train.progress import MetricsLog, Progress, plot_loss
 
 
@@ -144,6 +144,22 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; everything is checked before the model is touched.
+
+        Raises:
+            LorafitError: keys missing (not a checkpoint of this loop: detect's differ), another
+                number of processes (the rows of a step and the per-rank RNG states depend on it),
+                or tensors that do not fit the model.
+        """
+        where = self.run_dir / ckpt.CHECKPOINT if self.run_dir is not None else ckpt.CHECKPOINT
+        missing = sorted({"step", "trainable", "optimizer", "scheduler", "scaler", "rng"} - set(state))
+        if missing:
+            raise LorafitError(f"{where}: not a checkpoint of this task (no {', '.join(missing)})")
+        if state.get("world", self.dist.world) != self.dist.world:
+            raise LorafitError(
+                f"{where}: the run was trained on {state['world']} process(es), this is {self.dist.world}; "
+                "resume it with the same number (each step's rows and RNG states are per process)"
+            )
         ckpt.restore_trainable(self.model, state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
