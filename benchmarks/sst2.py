@@ -64,6 +64,8 @@ def run_one(method: str, seed: int, max_samples: int, device: str, timing_steps:
         "eval_before": False,
         "log_every": 50,
     }
+    if method == "full":  # adapter options are refused with --full-finetune (issue 10)
+        flags = {k: v for k, v in flags.items() if k not in ("rank", "alpha", "targets")}
     opts = resolve(flags, all_options(), task_defaults)
     task = Task(opts)
     train, evaluation = task.load_data()
