@@ -213,3 +213,45 @@ def test_adapter_batch_cache_follows_weight_updates():
         want = model(ids)
     assert not torch.allclose(first[0], second[0])
     torch.testing.assert_close(second[0], want[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("active, delete", [
+    (["z"], "z"),  # the only active one: the first remaining (sorted, as PEFT) takes over, with a warning
+    (["z", "b"], "z"),  # one of several active: the others stay active
+    (["z"], "b"),  # an inactive one: nothing changes
+])
+def test_delete_adapter_active_set_matches_peft(active, delete):
+    """Deleting the active adapter must not leave the model silently running as the bare base."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False), adapter_name="z")
+    model = Tiny()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False), adapter="z")
+    for name in ("b", "c"):  # "b" sorts before "c" but "z" was first: PEFT's pick is by name
+        pm.add_adapter(name, LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+        lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False), adapter=name)
+    pm.base_model.set_adapter(active)
+    lorafit.set_adapter(model, active)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        lorafit.delete_adapter(model, delete)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        pm.delete_adapter(delete)
+    assert lorafit.active_adapters(model) == list(pm.active_adapters)
+    assert (len(ours) == 1) == (len(theirs) == 1) and all("now" in str(w.message) for w in ours)
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    assert trainable == set(lorafit.active_adapters(model))
+    ids = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        with lorafit.disabled(model):
+            base = model(ids)
+        assert not torch.allclose(model(ids), base)  # an adapter runs, as active_adapters() says
+
+
+def test_delete_last_adapter_leaves_none_active():
+    model = Tiny()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False))
+    lorafit.delete_adapter(model, "default")
+    assert lorafit.active_adapters(model) == [] and lorafit.adapter_names(model) == []

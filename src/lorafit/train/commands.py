@@ -204,8 +204,8 @@ def _check_ranks(cfg: dict, cfg_path: Path, weights: Path, shapes: dict) -> dict
         found.setdefault(layer, set()).add(slot[-1])
     for layer, slots in found.items():
         if slots != {"A", "B"}:
-            raise LorafitError(f"{weights}: layer {layer!r} has lora_{slots.pop()} but not its "
-                               f"lora_{'B' if 'A' in slots else 'A'}")
+            has, lacks = ("A", "B") if "A" in slots else ("B", "A")
+            raise LorafitError(f"{weights}: layer {layer!r} has lora_{has} but not its lora_{lacks}")
     return out
 
 
