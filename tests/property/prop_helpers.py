@@ -33,6 +33,8 @@ import lorafit
 PROP = settings(max_examples=25, deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
+# PEFT round trips build a PeftModel per example (~0.3 s each): fewer examples there
+PROP_PEFT = settings(PROP, max_examples=15)
 ROUNDINGS = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 SCALES = (0.5, 2.0, 3.0)  # s != 1 (and s*s != s): a dropped or squared scaling changes the output
@@ -78,8 +80,8 @@ def assert_sensitive(ref: torch.Tensor, base_ref: torch.Tensor, allowed: torch.T
 
 
 @st.composite
-def adapter_specs(draw, groups: int = 1, max_adapters: int = 3, max_rank: int = 4):
-    """(specs, active indices): 1-3 adapters with their own r / alpha / rsLoRA, a non-empty active subset.
+def adapter_specs(draw, groups: int = 1, max_adapters: int = 3, max_rank: int = 4, allow_dropout: bool = True):
+    """(specs, active indices): 1-3 adapters with own r / alpha / rsLoRA / dropout; non-empty active set.
 
     alpha is chosen so that the scaling s is exactly one of SCALES: s = alpha / r, or
     alpha / sqrt(r) with rsLoRA - the reference recomputes s from (alpha, r, rslora) itself.
@@ -90,7 +92,11 @@ def adapter_specs(draw, groups: int = 1, max_adapters: int = 3, max_rank: int = 
         r = groups * draw(st.integers(1, max_rank))
         rslora = draw(st.booleans())
         s = draw(st.sampled_from(SCALES))
-        specs.append({"r": r, "alpha": s * (math.sqrt(r) if rslora else r), "use_rslora": rslora})
+        # a dropout > 0 takes the per-adapter path (a loop) instead of the concatenated one; in
+        # eval mode no dropout is drawn, so the function is the same
+        dropout = draw(st.sampled_from((0.0, 0.0, 0.1))) if allow_dropout else 0.0
+        specs.append({"r": r, "alpha": s * (math.sqrt(r) if rslora else r), "use_rslora": rslora,
+                      "dropout": dropout})
     active = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
     return specs, sorted(active)
 
@@ -128,6 +134,9 @@ def add_adapters(model: nn.Module, specs, active, gen: torch.Generator, **extra)
             ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=gen, dtype=torch.float64)
                             / math.sqrt(ad.lora_B[0].numel()))
     lorafit.set_adapter(model, [names[i] for i in active])
+    # new wrappers are built in training mode even inside an eval() model (PEFT does the same):
+    # without this, adapter dropout would be drawn in these inference comparisons
+    model.eval()
     return names
 
 
