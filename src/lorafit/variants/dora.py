@@ -38,7 +38,8 @@ _EPS = 1e-12
 
 def _weight_sq(w: torch.Tensor, dims) -> torch.Tensor:
     """Squared norms of the frozen weight, cached on the tensor's identity and version."""
-    return torch.linalg.vector_norm(w, dim=dims, dtype=torch.float32).square()
+    # at least fp32; a float64 weight stays float64 (vector_norm refuses to narrow a dtype)
+    return torch.linalg.vector_norm(w, dim=dims, dtype=torch.promote_types(w.dtype, torch.float32)).square()
 
 
 def dora_norm(wa: torch.Tensor, w_sq: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
