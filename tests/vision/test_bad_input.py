@@ -29,14 +29,21 @@ def edit_yaml(yaml_file, **changes):
     return yaml_file
 
 
-def cli(monkeypatch, argv, capsys):
-    """`lorafit ...` in-process, with the vision registry entries present (the lead adds them for real)."""
+def test_vision_tasks_and_export_are_registered():
+    """The real registries route --task detect / image-classification and `lorafit export` (nothing patched in)."""
     import lorafit.cli as cli_mod
-    import lorafit.tasks as tasks
+    from lorafit.tasks import TASKS, task_module
 
-    monkeypatch.setitem(tasks.TASKS, "detect", "lorafit.tasks.detect")
-    monkeypatch.setitem(tasks.TASKS, "image-classification", "lorafit.tasks.image_classification")
-    monkeypatch.setitem(cli_mod.COMMANDS, "export", ("lorafit.export.cli:EXPORT", "export"))
+    assert TASKS["detect"] == "lorafit.tasks.detect" and task_module("detect").Task
+    assert TASKS["image-classification"] == "lorafit.tasks.image_classification"
+    assert task_module("image-classification").Task
+    assert cli_mod.COMMANDS["export"][0] == "lorafit.export.cli:EXPORT"
+
+
+def cli(argv, capsys):
+    """`lorafit ...` in-process through the real registries (a missing entry fails every test here)."""
+    import lorafit.cli as cli_mod
+
     code = cli_mod.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
@@ -61,22 +68,22 @@ def test_valid_dataset_passes(dataset):
     ({"path": "/nonexistent/root"}, "does not exist"),
     ({"names": ["a"], "nc": 3}, "does not match"),
 ])
-def test_data_yaml_problems(monkeypatch, capsys, dataset, tmp_path, change, needle):
+def test_data_yaml_problems(capsys, dataset, tmp_path, change, needle):
     edit_yaml(dataset, **change)
-    code, err = cli(monkeypatch, ["train", "--task", "detect", "--data", str(dataset), "--out", str(tmp_path / "r")],
+    code, err = cli(["train", "--task", "detect", "--data", str(dataset), "--out", str(tmp_path / "r")],
                     capsys)
     one_line_error(code, err, str(dataset), needle)
 
 
-def test_missing_data_yaml(monkeypatch, capsys, tmp_path):
-    code, err = cli(monkeypatch, ["train", "--task", "detect", "--data", str(tmp_path / "no.yaml")], capsys)
+def test_missing_data_yaml(capsys, tmp_path):
+    code, err = cli(["train", "--task", "detect", "--data", str(tmp_path / "no.yaml")], capsys)
     one_line_error(code, err, "no.yaml", "no such data file")
 
 
-def test_image_without_label(monkeypatch, capsys, dataset):
+def test_image_without_label(capsys, dataset):
     label = dataset.parent / "labels" / "train" / "000002.txt"
     label.unlink()
-    code, err = cli(monkeypatch, ["train", "--task", "detect", "--data", str(dataset)], capsys)
+    code, err = cli(["train", "--task", "detect", "--data", str(dataset)], capsys)
     one_line_error(code, err, "000002.png", "has no label file")
 
 
@@ -86,10 +93,10 @@ def test_image_without_label(monkeypatch, capsys, dataset):
     ("0 0.5 0.5", "expected 'class cx cy w h'"),
     ("x 0.5 0.5 0.2 0.2", "non-numeric"),
 ])
-def test_bad_label_line(monkeypatch, capsys, dataset, line, needle):
+def test_bad_label_line(capsys, dataset, line, needle):
     label = dataset.parent / "labels" / "val" / "000001.txt"
     label.write_text("0 0.5 0.5 0.1 0.1\n" + line + "\n")
-    code, err = cli(monkeypatch, ["train", "--task", "detect", "--data", str(dataset)], capsys)
+    code, err = cli(["train", "--task", "detect", "--data", str(dataset)], capsys)
     one_line_error(code, err, "000001.txt line 2", needle)
 
 
@@ -98,26 +105,26 @@ def test_empty_label_file_is_a_background_image(dataset):
     assert check_detect_data(dataset)["counts"]["train"][0] == 4
 
 
-def test_pt_model_is_never_downloaded(monkeypatch, capsys, dataset):
-    code, err = cli(monkeypatch, ["train", "--task", "detect", "--model", "yolov8n.pt", "--data", str(dataset)],
+def test_pt_model_is_never_downloaded(capsys, dataset):
+    code, err = cli(["train", "--task", "detect", "--model", "yolov8n.pt", "--data", str(dataset)],
                     capsys)
     one_line_error(code, err, "yolov8n.pt", "never downloaded")
 
 
-def test_adapter_for_another_architecture_cli(monkeypatch, capsys, adapted, tmp_path):
-    code, err = cli(monkeypatch, ["export", "--model", "yolo11n.yaml", "--adapter", str(adapted["run"] / "adapter"),
-                                  "--out", str(tmp_path / "x.onnx")], capsys)
+def test_adapter_for_another_architecture_cli(capsys, adapted, tmp_path):
+    code, err = cli(["export", "--model", "yolo11n.yaml", "--adapter", str(adapted["run"] / "adapter"),
+                     "--out", str(tmp_path / "x.onnx")], capsys)
     one_line_error(code, err, "adapter_model.safetensors")
 
 
-def test_bad_image_folder_cli(monkeypatch, capsys, tmp_path):
+def test_bad_image_folder_cli(capsys, tmp_path):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     (tmp_path / "imgs" / "dog").mkdir()
     shutil.copyfile(__file__, tmp_path / "imgs" / "dog" / "not_an_image.png")
     (tmp_path / "imgs" / "cat" / "x.png").write_bytes(b"\x89PNG broken")
-    code, err = cli(monkeypatch, ["train", "--task", "image-classification", "--model", "timm:resnet18",
-                                  "--train", str(tmp_path / "imgs"), "--imgsz", "32", "--out", str(tmp_path / "r"),
-                                  "--eval-before"], capsys)
+    code, err = cli(["train", "--task", "image-classification", "--model", "timm:resnet18",
+                     "--train", str(tmp_path / "imgs"), "--imgsz", "32", "--out", str(tmp_path / "r"),
+                     "--eval-before"], capsys)
     one_line_error(code, err, "x.png", "cannot read image")
 
 

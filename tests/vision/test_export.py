@@ -49,13 +49,13 @@ def test_parity_failure_is_loud(adapted, base_pt, tmp_path):
     assert err.value.exit_code == 1
 
 
-def test_classifier_export_onnx_int8(monkeypatch, tmp_path):
+def test_classifier_export_onnx_int8(tmp_path):
     """A timm ViT adapter from `lorafit train`, exported: parity, same ops as the base, dynamic int8."""
     from lorafit.datasets.shapes import make_shapes_classification
     from test_image_classification import run_job
 
     folder = make_shapes_classification(tmp_path / "cls", n_per_class=4, imgsz=32)
-    run_job(monkeypatch, tmp_path, folder, "timm:vit_tiny_patch16_224")
+    run_job(tmp_path, folder, "timm:vit_tiny_patch16_224")
     out = tmp_path / "vit.onnx"
     rep = export_model("timm:vit_tiny_patch16_224", tmp_path / "run" / "adapter", out, int8=True,
                        data=folder / "val", runs=2)

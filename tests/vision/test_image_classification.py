@@ -13,6 +13,7 @@ import lorafit
 from lorafit.layers import ConvLora, MhaLora
 from lorafit.tasks.image_classification import classifier_name, create_model, preset_targets, scan_image_folder
 from lorafit.train.errors import LorafitError
+from vision_helpers import eval_logits, record_eval_logits
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +79,18 @@ def test_cnn_preset_targets_dense_convs():
     assert len(convs) == sum(1 for m in create_model("timm:resnet18", 3, 32).modules() if isinstance(m, nn.Conv2d))
 
 
-def run_job(monkeypatch, tmp_path, folder, model, **extra):
-    import lorafit.tasks as tasks
+def test_vision_tasks_are_registered():
+    """``--task image-classification`` / ``detect`` route through the real registry (nothing patched in)."""
+    from lorafit.tasks import TASKS, task_module
+
+    assert TASKS["image-classification"] == "lorafit.tasks.image_classification"
+    assert TASKS["detect"] == "lorafit.tasks.detect"
+    assert task_module("image-classification").Task and task_module("detect").Task
+
+
+def run_job(tmp_path, folder, model, **extra):
     from lorafit.train.job import run_train
 
-    monkeypatch.setitem(tasks.TASKS, "image-classification", "lorafit.tasks.image_classification")
-    monkeypatch.setitem(tasks.TASKS, "detect", "lorafit.tasks.detect")
     flags = {"task": "image-classification", "model": model, "train": str(folder / "train"),
              "eval": str(folder / "val"), "imgsz": "32", "epochs": "1", "batch_size": "6", "out": str(tmp_path / "run"),
              "device": "cpu", "eval_before": False, **extra}
@@ -92,23 +99,32 @@ def run_job(monkeypatch, tmp_path, folder, model, **extra):
 
 @pytest.mark.parametrize("model", ["timm:vit_tiny_patch16_224", "torchvision:vit_b_32", "timm:resnet18"])
 def test_train_job_then_reload_reproduces(monkeypatch, tmp_path, folder, model):
-    metrics = run_job(monkeypatch, tmp_path, folder, model)
+    evals = record_eval_logits(monkeypatch)
+    metrics = run_job(tmp_path, folder, model)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     adapter = tmp_path / "run" / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] and json.loads((adapter / "labels.json").read_text()) == ["circle", "square",
                                                                                              "triangle"]
-    # rebuild the random-weight base with the run's seed and load the adapter: the eval accuracy comes back
+    # rebuild the random-weight base with the run's seed and load the adapter: the trained model comes back
     from lorafit.tasks.image_classification import Task
 
     task = Task({"model": model, "imgsz": 32, "targets": "auto", "train": None, "seed": 0})
     task.restore(adapter)
     torch.manual_seed(0)
     base = task.build_model()
-    lorafit.load_adapter(base, adapter)
+    lorafit.load_adapter(base, adapter).eval()
+    trained = evals[-1]  # the final evaluation, on the model in memory at the end of training
     _, rows = scan_image_folder(folder / "val", task.labels)
-    acc = task.evaluate(base.eval(), rows, 32, torch.device("cpu"))["eval_accuracy"]
-    assert acc == pytest.approx(metrics["eval_accuracy"])
+    assert trained["rows"] == rows and len(rows) == 18
+    got = eval_logits(task, base, rows, trained["batch_size"])
+    # Same base weights (seeded), the adapter's fp32 tensors stored exactly, the same unmerged modules,
+    # the same batches and threads: the same float operations, so the logits are equal bit for bit. No
+    # tolerance to tune; a wrong key, scaling, head or base seed changes them by far more than rounding.
+    assert torch.equal(got, trained["logits"]), (got - trained["logits"]).abs().max().item()
+    assert trained["logits"].std() > 1e-3  # not a constant output
+    acc = task.evaluate(base, rows, 32, torch.device("cpu"))["eval_accuracy"]
+    assert acc == metrics["eval_accuracy"]
 
 
 def test_bad_image_folder(tmp_path):

@@ -178,6 +178,21 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode (the loop's ``model.train()`` put them in train mode).
+
+    Why: in train mode BN normalises with the batch's statistics and moves its running statistics,
+    buffers of the frozen base that the adapter does not carry; base + adapter would then not be
+    the trained model (a ResNet's logits moved by 0.1 on reload). In eval mode the base's statistics
+    stay as loaded, and the result no longer depends on how a batch is cut into micro-batches or
+    processes. Same rule as the detect task (``integrations.yolo_trainer``); a full fine-tune saves
+    the whole state dict, buffers included, so it trains BN as usual.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.eval()
+
+
 def saved_model_spec(model: str) -> tuple[str, str]:
     """``--model``: a spec, or a directory written by ``lorafit merge`` / ``--full-finetune``.
 
@@ -266,6 +281,8 @@ class Task(LabelFiles):
         return int(batch["labels"].numel())
 
     def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
+        if not self.opts.get("full_finetune"):
+            freeze_batchnorm_stats(model)
         logits = model(batch["pixel_values"])
         return nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
