@@ -31,13 +31,13 @@ class CustomLinear(nn.Linear):
 
 
 @st.composite
-def linear_cases(draw, dtypes=DTYPES, custom=None):
+def linear_cases(draw, dtypes=DTYPES, custom=None, allow_dropout=True):
     """(base model, x, specs, active, dtype, generator) for a random Linear layer."""
     in_f, out_f = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
     dtype = draw(st.sampled_from(dtypes))
     cls = CustomLinear if (draw(st.booleans()) if custom is None else custom) else nn.Linear
-    specs, active = draw(adapter_specs())
+    specs, active = draw(adapter_specs(allow_dropout=allow_dropout))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     base = Wrap(cls(in_f, out_f, bias=draw(st.booleans())))
     randomize_(base, gen)
