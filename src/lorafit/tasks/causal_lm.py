@@ -137,6 +137,8 @@ class Task(TextModel):
             completion = tok(str(rec["completion"]), add_special_tokens=False)["input_ids"] + self._eos()
             ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
         elif rec.get(text_col) is not None:
+            if isinstance(rec[text_col], (dict, list)) or not str(rec[text_col]).strip():
+                raise LorafitError(f"{where}: empty or non-text value in column {text_col!r}")
             self.kinds.add("text")
             ids = tok(str(rec[text_col]))["input_ids"] + self._eos()
             labels = list(ids)
@@ -150,7 +152,14 @@ class Task(TextModel):
     def _read(self, path, cap: int | None) -> list:
         table = read_table(path).nonempty()
         rows = take_samples(table.rows, cap, self.opts["seed"])
-        return [self.encode(rec, f"{table.path} line {line}") for line, rec in rows]
+        out = [self.encode(rec, f"{table.path} line {line}") for line, rec in rows]
+        if not any(t != IGNORE for _, labels in out for t in labels[1:]):
+            # the loss would be 0 over 0 tokens: a "trained" model that learned nothing
+            raise LorafitError(
+                f"{table.path}: no example has a target token within --max-length {self.opts['max_length']} "
+                "(prompts fill the whole length, or completions / assistant turns are empty)"
+            )
+        return out
 
     def load_data(self) -> tuple[list, list]:
         if self.opts["train"] is None:
