@@ -102,3 +102,12 @@ class OpCounter(TorchDispatchMode):
 
 
 GEMMS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul")
+
+
+def one_thread():
+    """Generator for a fixture: tiny convs gain nothing from a second thread, and on a shared
+    2-core machine spin-waiting OpenMP threads make them ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

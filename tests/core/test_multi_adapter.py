@@ -18,9 +18,11 @@ import pytest
 import torch
 import torch.nn as nn
 from lora_reference import (GEMMS, ROUNDINGS, OpCounter, abs_conv, assert_within, conv_with, grouped_delta,
-                            unit_roundoff)
+                            one_thread, unit_roundoff)
 
 import lorafit
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 # (rank, alpha, rslora): scalings 1.5, 8.0 (rsLoRA: 16 / sqrt(4)) and 5/6 - all different, none 1
 ADAPTERS = [(2, 3, False), (4, 16, True), (6, 5, False)]
