@@ -109,6 +109,11 @@ def _bad_cases(d: Path):
     (d / "bad.yaml").write_text("rank: 4\nbogus: 1\n")
     (d / "badval.yaml").write_text("precision: fp8\n")
     (d / "notapplicable.yaml").write_text("imgsz: 224\n")
+    write_csv(d / "one.csv", [("fine", "pos"), ("good", "pos")])
+    write_csv(d / "mixed.csv", [("fine", "1"), ("bad", "0"), ("meh", "neutral")])
+    write_csv(d / "tabs.csv", [("fine", "pos"), ("awful", "neg")], delimiter="\t")
+    (d / "broken.yaml").write_text("rank: 4\nlr: : 3\nepochs: 1\n")
+    (d / "fullft.yaml").write_text("full_finetune: true\ntargets: query\n")
     return [
         (["--train", "nope.csv"], "nope.csv: no such file"),
         (["--text-column", "sentence"], "train.csv: no column 'sentence' (columns: text, label)"),
@@ -132,6 +137,20 @@ def _bad_cases(d: Path):
         (["--packing"], "--packing does not apply to --task text-classification"),
         (["--config", str(d / "notapplicable.yaml")], "--imgsz does not apply to --task text-classification"),
         (["--task", "causal-lm", "--label-column", "y"], "--label-column does not apply to --task causal-lm"),
+        # issue 10: each of these trained silently or ended in a traceback
+        (["--train", str(d / "one.csv")], "one.csv: column 'label' has one label ('pos') in all 2 rows"),
+        (
+            ["--train", str(d / "mixed.csv")],
+            "mixed.csv line 4: column 'label' mixes numeric labels (1 on line 2) and text labels ('neutral' on line 4)",
+        ),
+        (["--max-length", "1024"], "--max-length 1024: model "),
+        (["--dropout", "1"], "--dropout: must be < 1, got 1.0"),
+        (["--dropout", "1.5"], "--dropout: must be < 1, got 1.5"),
+        (["--lr", "-1e-3"], "--lr: must be > 0, got -0.001"),
+        (["--full-finetune", "--rank", "16", "--targets", "query"], "--rank, --targets: adapter options cannot go"),
+        (["--config", str(d / "fullft.yaml")], "--targets (in "),
+        (["--train", str(d / "tabs.csv")], "tabs.csv: the header 'text\\tlabel' looks tab-separated; rename"),
+        (["--config", str(d / "broken.yaml")], "broken.yaml line 2: invalid YAML (mapping values are not allowed here)"),
     ]
 
 
@@ -159,6 +178,7 @@ def test_bad_input_gives_one_line_and_exit_2(env, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), (args, err)
         assert expect in lines[0], (args, lines[0])
         assert "Traceback" not in err
+        assert not (tmp_path / "run").exists(), args  # refused before anything was written
 
 
 def test_config_file_with_flags_winning(env, tmp_path, capsys):

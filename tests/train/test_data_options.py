@@ -112,10 +112,10 @@ def test_coerce_rules():
 
 def test_resolve_layers_flags_win(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("rank: 4\nlr: 0.01\nmax-length: 32\nfull_finetune: true\n", encoding="utf-8")
+    cfg.write_text("rank: 4\nlr: 0.01\nmax-length: 32\neval_before: false\n", encoding="utf-8")
     opts = resolve({"config": str(cfg), "rank": "2"}, OPTIONS, _defaults, base={"epochs": 3, "rank": 16})
     assert (opts["rank"], opts["lr"], opts["max_length"], opts["epochs"]) == (2, 0.01, 32, 3)
-    assert opts["alpha"] == 4.0 and opts["full_finetune"] is True and opts["batch_size"] == 32
+    assert opts["alpha"] == 4.0 and opts["eval_before"] is False and opts["batch_size"] == 32
     # lr follows --full-finetune when not given
     assert resolve({"full_finetune": True}, OPTIONS, _defaults)["lr"] == 5e-5
     assert resolve({}, OPTIONS, _defaults)["lr"] == 1e-3
@@ -140,8 +140,8 @@ def test_yaml_errors(tmp_path):
     bad.write_text("rank: 4\nwarp: 1\n", encoding="utf-8")
     with pytest.raises(LorafitError, match="bad.yaml: unknown option 'warp'"):
         load_yaml(bad, OPTIONS)
-    bad.write_text("rank: [4\n", encoding="utf-8")
-    with pytest.raises(LorafitError, match="bad.yaml line 2: invalid YAML"):
+    bad.write_text("rank: [4\n", encoding="utf-8")  # a one-line file: the error is on line 1
+    with pytest.raises(LorafitError, match=r"bad\.yaml line 1: invalid YAML \(expected ',' or '\]'"):
         load_yaml(bad, OPTIONS)
     with pytest.raises(LorafitError, match="missing.yaml: no such config file"):
         load_yaml(tmp_path / "missing.yaml", OPTIONS)
