@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from .inject import lora_layers, saved_modules
+from .inject import check_adapter_name, lora_layers, saved_modules
 from .layers import LoraAdapter
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -147,9 +147,12 @@ def _check(model, names, weights, new_name, method, density, svd_rank):
             raise ValueError(f"combine_adapters: unknown adapter {n!r}; the model has {sorted(configs)}")
         if configs[n].use_dora:
             raise ValueError(f"combine_adapters: adapter {n!r} uses DoRA; its magnitude cannot be combined")
-    if not isinstance(new_name, str) or not new_name or "." in new_name or new_name in configs:
-        raise ValueError(f"combine_adapters: new_name must be a new adapter name without '.', "
-                         f"got {new_name!r}")
+    try:
+        check_adapter_name(new_name)  # the rule of inject / load_adapter: a module key and a path component
+    except ValueError as exc:
+        raise ValueError(f"combine_adapters: new_name: {exc}") from None
+    if new_name in configs:
+        raise ValueError(f"combine_adapters: new_name {new_name!r} is already an adapter of the model")
     if method in ("ties", "dare_linear", "dare_ties") and (density is None or not 0 < density <= 1):
         raise ValueError(f"combine_adapters: method {method!r} needs 0 < density <= 1, got {density!r}")
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):

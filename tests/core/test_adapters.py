@@ -228,7 +228,7 @@ def test_delete_adapter_active_set_matches_peft(active, delete):
     pm = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False), adapter_name="z")
     model = Tiny()
     lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False), adapter="z")
-    for name in ("b", "c"):  # "b" sorts before "c" but "z" was first: PEFT's pick is by name
+    for name in ("c", "b"):  # added after "c", but "b" sorts first: PEFT picks by name, not by age
         pm.add_adapter(name, LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
         lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False), adapter=name)
     pm.base_model.set_adapter(active)

@@ -144,6 +144,15 @@ def test_inject_and_set_adapter_refuse_bad_names_without_touching_the_model(name
     assert_same(before, snapshot(model))
 
 
+@pytest.mark.parametrize("name", ["a/b", "keys", "first"])
+def test_combine_adapters_refuses_bad_or_taken_new_name(name):
+    model = _host()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="combine_adapters: new_name"):
+        lorafit.combine_adapters(model, ["first"], [1.0], new_name=name)
+    assert_same(before, snapshot(model))
+
+
 # ------------------------------------------------------------------ broken safetensors files
 def _broken(saved, how):
     data = (saved / WEIGHTS).read_bytes()
