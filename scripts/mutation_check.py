@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Plant known faults in lorafit's core one at a time and check that the tests catch each one.
+
+    python scripts/mutation_check.py                 # every mutant (a few minutes on 2 cores)
+    python scripts/mutation_check.py --list          # the mutants and the tests each one runs
+    python scripts/mutation_check.py --only merge_sign --only io_prefix
+    python scripts/mutation_check.py --source head   # the last commit, not uncommitted edits
+
+Each mutant is an exact string replacement in one source file; the script refuses to run if a
+mutant's text does not occur exactly once (the source changed: update the mutant). The work is
+done on a throw-away copy of the working tree (src/, tests/, ...; PYTHONPATH points the tests at
+the copy's src/), so other work in the checkout never sees a mutated file; the mutated file is
+restored in a ``finally`` anyway, also on Ctrl-C / SIGTERM. For each mutant only the tests that
+matter run, in order, with ``pytest -x``: the first failure is "the test that caught it". The
+catching tests are then re-run once on the unmutated copy: a test that fails without the fault
+proves nothing, and its mutant counts as not caught.
+
+Exit status: 0 when every mutant that can be tested here is caught; 1 when one is not (or a
+catching test also fails without the fault); 2 when a mutant no longer applies. A mutant whose
+tests need something missing here (triton) is reported as "not testable here" and fails the
+run only with --strict. Not run in CI (it runs the same tests many times); run it before a
+submission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache",
+                                "runs", "build", "*.egg-info", "*.pyc")
+
+# test subsets, fastest and most direct first (-x stops at the first failure)
+LINEAR = ["tests/core/test_functional.py", "tests/core/test_adapters.py", "tests/property/test_prop_linear.py",
+          "tests/property/test_prop_saved.py"]
+CONV = ["tests/core/test_conv.py", "tests/core", "tests/property/test_prop_conv.py"]
+IO = ["tests/core/test_io.py", "tests/test_peft_parity.py", "tests/property/test_prop_linear.py",
+      "tests/property/test_prop_conv.py"]
+MERGE = ["tests/core/test_adapters.py", "tests/core/test_conv.py", "tests/property/test_prop_linear.py",
+         "tests/property/test_prop_conv.py"]
+DORA = ["tests/variants/test_dora.py", "tests/property/test_prop_dora.py"]
+QUANT = ["tests/quant/test_quant_formats.py", "tests/quant/test_quant_layers.py", "tests/quant/test_quant_lora.py",
+         "tests/quant", "tests/property/test_prop_quant.py"]
+SAVED = ["tests/core/test_functional.py", "tests/property/test_prop_saved.py", "tests/core"]
+MULTI = ["tests/core", "tests/property/test_prop_saved.py", "tests/property/test_prop_linear.py"]
+TRITON = ["tests/quant/test_quant_triton.py"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    needs: str | None = None  # a module the catching tests import (skipped without it)
+
+
+def m(name, file, old, new, tests, needs=None) -> Mutant:
+    return Mutant(name, file, old, new, tuple(tests), needs)
+
+
+F, B, C = "src/lorafit/functional.py", "src/lorafit/layers/base.py", "src/lorafit/layers/conv.py"
+L, IOF, D = "src/lorafit/layers/linear.py", "src/lorafit/io.py", "src/lorafit/variants/dora.py"
+QF, QL, QT = "src/lorafit/quant/formats.py", "src/lorafit/quant/layers.py", "src/lorafit/quant/triton_nf4.py"
+E = "src/lorafit/layers/embedding.py"
+
+MUTANTS = [
+    # scaling
+    m("scaling_dropped_fused", F, "y2.addmm_(xa, b.t(), alpha=scaling)", "y2.addmm_(xa, b.t(), alpha=1.0)", LINEAR),
+    m("scaling_squared", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
+      "self.scaling = (self.alpha / (math.sqrt(r) if use_rslora else r)) ** 2", LINEAR),
+    m("rslora_ignored", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
+      "self.scaling = self.alpha / r", LINEAR + ["tests/test_peft_parity.py"]),
+    m("scaling_dropped_lora_add", F, "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)",
+      "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=1.0)", LINEAR),
+    m("scaling_dropped_embedding", E, "a, b = ad.lora_A, ad.lora_B * ad.scaling", "a, b = ad.lora_A, ad.lora_B",
+      ["tests/test_peft_parity.py", "tests/property/test_prop_linear.py"]),
+    # adapter key names in io
+    m("io_lora_A_B_swapped", IOF, 'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_A, ad.lora_B',
+      'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_B, ad.lora_A', IO),
+    m("io_prefix", IOF, 'PREFIX = "base_model.model."', 'PREFIX = "base_model."', IO),
+    m("io_load_slots_swapped", IOF, '{".lora_A.weight": "A", ".lora_B.weight": "B",',
+      '{".lora_A.weight": "B", ".lora_B.weight": "A",', IO),
+    # conv arguments in the adapter path
+    m("conv_stride_ignored", C, "return self._fn(x, weight, None, base.stride, padding, base.dilation, groups)",
+      "return self._fn(x, weight, None, 1, padding, base.dilation, groups)", CONV),
+    m("conv_dilation_ignored", C, "return self._fn(x, weight, None, base.stride, padding, base.dilation, groups)",
+      "return self._fn(x, weight, None, base.stride, padding, 1, groups)", CONV),
+    m("conv_padding_mode_ignored", C, 'if base.padding_mode != "zeros":', "if False:", CONV),
+    m("conv_groups_ignored", C, "g = self.groups if a_groups is None else a_groups",
+      "g = 1 if a_groups is None else a_groups", CONV),
+    # merge sign
+    m("merge_sign", B, "new = weight.float() + delta.float()", "new = weight.float() - delta.float()", MERGE),
+    m("unmerge_sign", B, "weight.copy_((weight.float() - delta.float()).to(weight.dtype))",
+      "weight.copy_((weight.float() + delta.float()).to(weight.dtype))", MERGE),
+    # DoRA
+    m("dora_norm_dim", D, "return (1, -1) if layer.fan_in_fan_out else (-1, 1)",
+      "return (-1, 1) if layer.fan_in_fan_out else (1, -1)", DORA),
+    m("dora_norm_cross_term", D, "sq = w_sq + 2 * scaling * cross + scaling * scaling * low",
+      "sq = w_sq + scaling * cross + scaling * scaling * low", DORA),
+    m("dora_conv_padding_mode", D, "z = layer.conv_a(x, base.weight, base.groups)  # the base conv without its bias",
+      "z = layer._fn(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)", DORA),
+    # NF4 block mapping: torch path and Triton kernel
+    m("nf4_block_off_by_one", QF, "w = words.view(torch.float32).view(n_blocks, -1).mul_(scale[:, None])",
+      "w = words.view(torch.float32).view(n_blocks, -1).mul_(scale.roll(1)[:, None])", QUANT),
+    m("nf4_nibble_order", QF, "out[i : i + step] = (idx[:, 0::2] << 4) | idx[:, 1::2]",
+      "out[i : i + step] = (idx[:, 1::2] << 4) | idx[:, 0::2]", QUANT),
+    m("triton_half_block", QT, "blk = offs // HALF_BLOCK", "blk = (offs + 1) // HALF_BLOCK", TRITON, "triton"),
+    m("triton_block_off_by_one", QT, "scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)",
+      "scale = tl.load(absmax_ptr + blk + 1, mask=mask, other=0.0)", TRITON, "triton"),
+    # several active adapters
+    m("multi_adapter_loop", L, "elif check_shareable(live) or all(ad.dropout == 0 for ad in live):", "elif False:",
+      MULTI),
+    m("conv_multi_adapter_scaling", C, "b = torch.cat([(ad.lora_B * ad.scaling).reshape(",
+      "b = torch.cat([(ad.lora_B).reshape(", CONV),
+    m("multi_adapter_cat_scaling", B, "b = torch.cat([ad.lora_B * ad.scaling for ad in live], 1)",
+      "b = torch.cat([ad.lora_B for ad in live], 1)", MULTI),
+    # tensors saved for backward
+    m("saved_extra_copy_of_x", F, "save_x = x if (weight.requires_grad and not ctx.same_input) else None",
+      "save_x = x.detach().clone()", SAVED),
+    m("saved_upcast_x", F, "ctx.save_for_backward(x_lora, xa, lora_a, lora_b)",
+      "ctx.save_for_backward(x_lora.float(), xa, lora_a, lora_b)", SAVED),
+    # quantized merge error
+    m("quant_merge_error_constant", QL,
+      "return (self._decode(self._storage(), torch.float32) - target).abs().max().item()", "return 0.01", QUANT),
+]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_term(signum, frame):  # SIGTERM: unwind through the finally blocks like Ctrl-C
+    raise Interrupted(f"signal {signum}")
+
+
+def make_copy(source: str) -> tuple[Path, Path]:
+    """(temp dir, repo copy) of the working tree (no venvs/caches) or of HEAD; ../shared linked beside it."""
+    tmp = Path(tempfile.mkdtemp(prefix="lorafit-mutants-"))
+    dest = tmp / ROOT.name
+    if source == "head":  # only what is committed: others' uncommitted edits in a shared checkout stay out
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD"], capture_output=True,
+                                 check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+    else:
+        shutil.copytree(ROOT, dest, ignore=IGNORE, symlinks=True)
+    shared = ROOT.parent / "shared"
+    if shared.exists():
+        (tmp / "shared").symlink_to(shared)
+    return tmp, dest
+
+
+def test_env(dest: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(dest / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                                if p])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def run_pytest(dest: Path, env: dict, args: list[str], timeout: float) -> tuple[int, str]:
+    """Run pytest in its own session; kill the whole group on timeout or interruption."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *args]
+    proc = subprocess.Popen(cmd, cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return 124, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def first_failure(output: str) -> str | None:
+    """The node id of the first FAILED / ERROR line of pytest's short summary (-ra)."""
+    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    return match.group(1) if match else None
+
+
+def unique(paths) -> list[str]:
+    """Paths in order without repeats (pytest itself skips a file listed again through its directory)."""
+    return list(dict.fromkeys(paths))
+
+
+def check_applies(mutants, dest: Path) -> list[str]:
+    problems = []
+    for mu in mutants:
+        text = (dest / mu.file).read_text()
+        n = text.count(mu.old)
+        if n != 1:
+            problems.append(f"{mu.name}: {mu.file} contains the mutant's text {n} times (need exactly 1): "
+                            f"{mu.old!r}")
+    return problems
+
+
+def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float) -> dict:
+    row = {"name": mu.name, "file": mu.file.removeprefix("src/lorafit/"), "caught": "no", "by": "", "secs": 0.0}
+    if mu.needs and importlib.util.find_spec(mu.needs) is None:
+        row["caught"] = f"not testable here ({mu.needs} missing)"
+        return row
+    path = dest / mu.file
+    original = path.read_text()
+    start = time.monotonic()
+    try:
+        path.write_text(original.replace(mu.old, mu.new, 1))
+        tests = [t for t in unique(mu.tests) if (dest / t.split("::")[0]).exists()]
+        rc, out = run_pytest(dest, env, tests, timeout)
+    finally:
+        path.write_text(original)  # always restored: Ctrl-C, SIGTERM, a crash
+    row["secs"] = time.monotonic() - start
+    failed = first_failure(out)
+    if rc == 124:
+        row.update(caught="no (timeout)")
+    elif rc in (1, 2) and failed:
+        row.update(caught="yes", by=failed)
+    elif rc not in (0, 5):
+        row.update(caught=f"no (pytest exit {rc})", by=out.strip().splitlines()[-1][:80] if out.strip() else "")
+    if mu.needs and row["caught"] == "no" and re.search(r"\bskipped\b", out) and not re.search(r"\bpassed\b", out):
+        row["caught"] = f"not testable here ({mu.needs}: tests skipped)"
+    return row
+
+
+def table(rows) -> str:
+    head = ("mutant", "file", "caught", "caught by", "s")
+    body = [(r["name"], r["file"], r["caught"], r["by"], f"{r['secs']:.1f}") for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {:>" + str(widths[-1]) + "}"
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*b) for b in body]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these mutants")
+    ap.add_argument("--list", action="store_true", help="list the mutants and their test subsets, then exit")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as not caught")
+    ap.add_argument("--strict", action="store_true", help="a mutant not testable here (triton missing) fails the run")
+    ap.add_argument("--source", choices=("worktree", "head"), default="worktree",
+                    help="what to copy and mutate: the working tree as it is (default) or the last commit")
+    args = ap.parse_args(argv)
+    mutants = [mu for mu in MUTANTS if not args.only or mu.name in args.only]
+    unknown = set(args.only) - {mu.name for mu in MUTANTS}
+    if unknown:
+        print(f"mutation_check: unknown mutant(s) {sorted(unknown)}; see --list", file=sys.stderr)
+        return 2
+    if args.list:
+        for mu in mutants:
+            print(f"{mu.name:28} {mu.file}: {' '.join(unique(mu.tests))}")
+        return 0
+    signal.signal(signal.SIGTERM, _on_term)
+    tmp, dest = make_copy(args.source)
+    try:
+        problems = check_applies(mutants, dest)
+        if problems:
+            print("mutation_check: these mutants no longer apply; update them in scripts/mutation_check.py:",
+                  *problems, sep="\n  ", file=sys.stderr)
+            return 2
+        env = test_env(dest)
+        where = subprocess.run([sys.executable, "-c", "import lorafit; print(lorafit.__file__)"], cwd=dest, env=env,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        if not where.startswith(str(dest)):
+            print(f"mutation_check: the tests would import lorafit from {where or '?'}, not from the copy {dest}; "
+                  "refusing (a mutant would not be seen)", file=sys.stderr)
+            return 2
+        rows = []
+        for mu in mutants:
+            row = run_mutant(mu, dest, env, args.timeout)
+            rows.append(row)
+            print(f"{row['name']:28} {row['caught']:4} {row['by']} ({row['secs']:.1f} s)", flush=True)
+        catchers = sorted({r["by"] for r in rows if r["caught"] == "yes"})
+        if catchers:  # each catching test must pass without the fault, else it proves nothing
+            for nodeid in catchers:
+                rc, out = run_pytest(dest, env, [nodeid], args.timeout)
+                if rc != 0:
+                    for r in rows:
+                        if r["by"] == nodeid:
+                            r["caught"] = "no (test fails unmutated too)"
+        print()
+        print(table(rows))
+        missed = [r for r in rows if not r["caught"].startswith(("yes", "not testable"))]
+        untested = [r for r in rows if r["caught"].startswith("not testable")]
+        print(f"\n{len(rows) - len(missed) - len(untested)} of {len(rows)} mutants caught"
+              + (f", {len(untested)} not testable here" if untested else "")
+              + (f"; NOT caught: {', '.join(r['name'] for r in missed)}" if missed else ""))
+        return 1 if missed or (args.strict and untested) else 0
+    except (KeyboardInterrupt, Interrupted):
+        print("\nmutation_check: interrupted; the copy is removed, the checkout was never modified", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
