@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from helpers import Wrap
+from nf4_reference import NF4_TABLE, double_quant_scales_ref, nf4_dequantize_ref, nf4_unpack_ref
 from quant_models import make_llama
 from torch import nn
 
 import lorafit
-from lorafit.quant import load_quantized, quantize, quantized_modules, save_quantized
+from lorafit.quant import Int8Linear, NF4Linear, load_quantized, quantize, quantized_modules, save_quantized
 
 
 def _qlora(fmt="nf4", steps=3):
@@ -134,3 +136,48 @@ def test_gradient_checkpointing_gives_the_same_gradients(ids):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n])
+
+
+def _decode_ref(q) -> torch.Tensor:
+    """The stored weight [out, in] fp32, decoded by the independent reference (nf4_reference)."""
+    if isinstance(q, Int8Linear):
+        return q.weight_int8.float() * q.weight_scale[:, None]
+    scales = (double_quant_scales_ref(q.weight_absmax_q, q.weight_absmax_lo, q.weight_absmax_step)
+              if q.double_quant else q.weight_absmax)
+    return nf4_dequantize_ref(nf4_unpack_ref(q.weight_packed), scales, (q.out_features, q.in_features))
+
+
+def _max_rounding(q) -> float:
+    """Largest error round-to-nearest can make: int8 scale / 2; NF4 (widest level gap / 2) * scale."""
+    if isinstance(q, Int8Linear):
+        return 0.5 * q.weight_scale.max().item()
+    half_gap = max(b - a for a, b in zip(NF4_TABLE, NF4_TABLE[1:])) / 2
+    scales = (double_quant_scales_ref(q.weight_absmax_q, q.weight_absmax_lo, q.weight_absmax_step)
+              if q.double_quant else q.weight_absmax)
+    return half_gap * scales.max().item()
+
+
+@pytest.mark.parametrize("cls,kw", [(NF4Linear, {}), (NF4Linear, {"double_quant": True}), (Int8Linear, {})])
+def test_merge_error_is_the_error_merging_added(cls, kw):
+    """``merge_error`` = max |stored weight after merge - (stored weight before + s B A)|, the
+    rounding that re-quantizing added, computed here from the storage with the reference decoder
+    and a delta built from A and B; it is reported per merge, so it changes with the adapter."""
+    errors = []
+    for b_scale in (0.05, 0.5, 2.0):
+        torch.manual_seed(4)
+        model = Wrap(cls.from_linear(nn.Linear(128, 64), **kw))
+        lorafit.inject(model, lorafit.LoraConfig(r=4, alpha=12, target_modules=["layer"], init=False))
+        layer = model.layer
+        ad = layer.adapters["default"]
+        with torch.no_grad():
+            ad.lora_B.mul_(b_scale)
+        before = _decode_ref(layer.base_layer)
+        delta = (ad.lora_B.detach().float() @ ad.lora_A.detach().float()) * ad.scaling
+        lorafit.merge(model)
+        after = _decode_ref(layer.base_layer)
+        want = (after - (before + delta)).abs().max().item()
+        assert layer.merge_error == pytest.approx(want, rel=1e-6, abs=1e-9)
+        # and it is a rounding error: at most half the widest gap between levels times the block scale
+        assert 0 < want <= _max_rounding(layer.base_layer) * (1 + 1e-6)
+        errors.append(layer.merge_error)
+    assert len(set(errors)) == len(errors), errors
