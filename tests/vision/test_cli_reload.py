@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from lorafit.cli import main
+from lorafit.layers import LoraLayer
+from vision_helpers import eval_logits, record_eval_logits
 
 
 def one_line_error(capsys, argv) -> str:
@@ -144,8 +146,11 @@ def cls_run(tmp_path_factory):
     argv = ["train", "--task", "image-classification", "--model", "timm:vit_tiny_patch16_224", "--train",
             str(folder / "train"), "--eval", str(folder / "val"), "--imgsz", "32", "--epochs", "1", "--batch-size",
             "6", "--lr", "5e-3", "--seed", "3", "--no-eval-before", "--device", "cpu", "--out", str(run)]
-    assert main(argv) == 0
-    return {"run": run, "folder": folder, "metrics": json.loads((run / "metrics.json").read_text())}
+    with pytest.MonkeyPatch.context() as patch:
+        evals = record_eval_logits(patch)
+        assert main(argv) == 0
+    return {"run": run, "folder": folder, "metrics": json.loads((run / "metrics.json").read_text()),
+            "trained": evals[-1]}  # the final evaluation's logits, on the model in memory after training
 
 
 def test_image_classification_eval_and_merge_round_trip(cls_run, tmp_path, capsys):
@@ -166,7 +171,8 @@ def test_image_classification_eval_and_merge_round_trip(cls_run, tmp_path, capsy
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["eval_accuracy"] == a["eval_accuracy"] and m["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
 
-    # logits: merged directory vs base + adapter
+    # logits on every val image: the model `lorafit eval --adapter` builds vs the trained model in memory,
+    # then the merged directory vs that
     from lorafit.train.reload import build, resolve_job
 
     def model_of(**kw):
@@ -176,11 +182,26 @@ def test_image_classification_eval_and_merge_round_trip(cls_run, tmp_path, capsy
     task = Task({"model": str(merged), "imgsz": 32, "targets": "auto", "seed": 0})
     task.restore(merged)
     _, rows = scan_image_folder(val, task.labels)
-    x = task.collate(rows[:6])["pixel_values"]
-    with torch.no_grad():
-        want = model_of(adapter=str(adapter), model=None)(x)
-        got = model_of(adapter=None, model=str(merged))(x)
-    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    trained = cls_run["trained"]
+    assert trained["rows"] == rows and len(rows) == 18
+    reloaded = eval_logits(task, model_of(adapter=str(adapter), model=None), rows, trained["batch_size"])
+    # the seeded base, the adapter's exact fp32 tensors, the same modules, batches and threads: the same float
+    # operations as the trained model, so equal bit for bit (no tolerance; a wrong seed, key or scaling is not)
+    assert torch.equal(reloaded, trained["logits"]), (reloaded - trained["logits"]).abs().max().item()
+    merged_logits = eval_logits(task, model_of(adapter=None, model=str(merged)), rows, trained["batch_size"])
+    # Merged vs unmerged is not the same arithmetic: W + s*B@A is rounded to fp32 once per weight (relative
+    # 2**-24 = 6e-8), then every GEMM sums other products: measured 5e-7 (~9 roundings) through 12 blocks. The
+    # bound, 1e-4 of the logits' scale (~1700 roundings), leaves room for other CPUs' GEMMs; a merge whose LoRA
+    # scaling is off by 1% moves them by 1.2e-2. It means something only if the LoRA terms move the logits by
+    # far more, so that is asserted too (a merge that drops them, trained head kept, lands at ``no_lora``).
+    plain = model_of(adapter=str(adapter), model=None)
+    for m in plain.modules():
+        if isinstance(m, LoraLayer):
+            m.disabled = True
+    no_lora = eval_logits(task, plain, rows, trained["batch_size"])
+    scale = max(1.0, reloaded.abs().max().item())
+    assert (merged_logits - reloaded).abs().max() <= 1e-4 * scale
+    assert (no_lora - reloaded).abs().max() > 100 * 1e-4 * scale, (no_lora - reloaded).abs().max()
 
 
 def test_image_classification_eval_needs_eval_dir(cls_run, capsys):
