@@ -154,11 +154,22 @@ def test_lora_model_pickles_and_survives_torch_save():
         assert (raw(fused(x)) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_merged_copy_is_plain_and_state_dict_matches_base_keys():
+def test_merged_copy_is_plain_and_computes_the_adapter():
     base = cached("yolov8n.yaml", lora=False)
-    merged = merged_copy(cached("yolov8n.yaml"))
+    model = cached("yolov8n.yaml")
+    merged = merged_copy(model)
     assert set(merged.state_dict()) == set(base.state_dict())
     assert "fuse" not in merged.__dict__
+    assert any(isinstance(m, ConvLora) for m in model.modules())  # a copy: the original keeps its adapters
+    # the merged copy computes what base + adapter computes (keys alone would pass a copy with the adapters
+    # dropped); bound as in test_fuse_merges_first_and_matches, meaningful since the adapter moves > 1e-2
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, got = raw(model(x)), raw(merged.eval()(x))
+        with lorafit.disabled(model):
+            plain = raw(model(x))
+    assert (ref - plain).abs().max() > 1e-2
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_trainer_keeps_batchnorm_in_eval_and_refreezes(shapes, tmp_path):
