@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
-if ! python -c "import lorafit, peft, pytest" 2>/dev/null; then
+if ! python -c "import lorafit, peft, pytest, hypothesis" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"   # CPU wheel; a bare torch requirement pulls a CUDA build
   python -m pip install -q -e ".[dev]"
