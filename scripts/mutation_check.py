@@ -5,6 +5,7 @@
     python scripts/mutation_check.py --list          # the mutants and the tests each one runs
     python scripts/mutation_check.py --only merge_sign --only io_prefix
     python scripts/mutation_check.py --source head   # the last commit, not uncommitted edits
+    python scripts/mutation_check.py --tests tests/property   # what the property layer alone catches
 
 Each mutant is an exact string replacement in one source file; the script refuses to run if a
 mutant's text does not occur exactly once (the source changed: update the mutant). The work is
@@ -25,10 +26,12 @@ submission.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib.util
 import io
 import os
+import queue
 import re
 import shutil
 import signal
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -174,11 +178,24 @@ def test_env(dest: Path) -> dict:
     return env
 
 
-def run_pytest(dest: Path, env: dict, args: list[str], timeout: float) -> tuple[int, str]:
+_LIVE: set[subprocess.Popen] = set()  # running pytest processes, killed on interruption
+_LIVE_LOCK = threading.Lock()
+
+
+def kill_live() -> None:
+    with _LIVE_LOCK:
+        for proc in list(_LIVE):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_pytest(dest: Path, env: dict, args: list[str], timeout: float, stop_first: bool = True) -> tuple[int, str]:
     """Run pytest in its own session; kill the whole group on timeout or interruption."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *args]
     proc = subprocess.Popen(cmd, cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
@@ -190,12 +207,18 @@ def run_pytest(dest: Path, env: dict, args: list[str], timeout: float) -> tuple[
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+
+
+def failures(output: str) -> list[str]:
+    """Node ids of the FAILED / ERROR lines of pytest's short summary (-ra), in order."""
+    return re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
 
 
 def first_failure(output: str) -> str | None:
-    """The node id of the first FAILED / ERROR line of pytest's short summary (-ra)."""
-    match = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-    return match.group(1) if match else None
+    found = failures(output)
+    return found[0] if found else None
 
 
 def unique(paths) -> list[str]:
@@ -214,7 +237,7 @@ def check_applies(mutants, dest: Path) -> list[str]:
     return problems
 
 
-def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float) -> dict:
+def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float, tests: list[str] | None = None) -> dict:
     row = {"name": mu.name, "file": mu.file.removeprefix("src/lorafit/"), "caught": "no", "by": "", "secs": 0.0}
     if mu.needs and importlib.util.find_spec(mu.needs) is None:
         row["caught"] = f"not testable here ({mu.needs} missing)"
@@ -224,7 +247,7 @@ def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float) -> dict:
     start = time.monotonic()
     try:
         path.write_text(original.replace(mu.old, mu.new, 1))
-        tests = [t for t in unique(mu.tests) if (dest / t.split("::")[0]).exists()]
+        tests = [t for t in unique(tests or mu.tests) if (dest / t.split("::")[0]).exists()]
         rc, out = run_pytest(dest, env, tests, timeout)
     finally:
         path.write_text(original)  # always restored: Ctrl-C, SIGTERM, a crash
@@ -259,6 +282,10 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="a mutant not testable here (triton missing) fails the run")
     ap.add_argument("--source", choices=("worktree", "head"), default="worktree",
                     help="what to copy and mutate: the working tree as it is (default) or the last commit")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run at once, each on its own copy (default 1)")
+    ap.add_argument("--tests", action="append", metavar="PATH",
+                    help="run these tests for every mutant instead of each mutant's own subset (e.g. tests/property: "
+                         "what that layer alone catches)")
     args = ap.parse_args(argv)
     mutants = [mu for mu in MUTANTS if not args.only or mu.name in args.only]
     unknown = set(args.only) - {mu.name for mu in MUTANTS}
@@ -270,33 +297,54 @@ def main(argv=None) -> int:
             print(f"{mu.name:28} {mu.file}: {' '.join(unique(mu.tests))}")
         return 0
     signal.signal(signal.SIGTERM, _on_term)
-    tmp, dest = make_copy(args.source)
+    copies = []
     try:
-        problems = check_applies(mutants, dest)
+        for _ in range(max(1, args.jobs)):
+            copies.append(make_copy(args.source))
+        problems = check_applies(mutants, copies[0][1])
         if problems:
             print("mutation_check: these mutants no longer apply; update them in scripts/mutation_check.py:",
                   *problems, sep="\n  ", file=sys.stderr)
             return 2
-        env = test_env(dest)
-        where = subprocess.run([sys.executable, "-c", "import lorafit; print(lorafit.__file__)"], cwd=dest, env=env,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        if not where.startswith(str(dest)):
-            print(f"mutation_check: the tests would import lorafit from {where or '?'}, not from the copy {dest}; "
-                  "refusing (a mutant would not be seen)", file=sys.stderr)
-            return 2
-        rows = []
-        for mu in mutants:
-            row = run_mutant(mu, dest, env, args.timeout)
-            rows.append(row)
+        for _, dest in copies:
+            env = test_env(dest)
+            where = subprocess.run([sys.executable, "-c", "import lorafit; print(lorafit.__file__)"], cwd=dest,
+                                   env=env, capture_output=True, text=True, check=False).stdout.strip()
+            if not where.startswith(str(dest)):
+                print(f"mutation_check: the tests would import lorafit from {where or '?'}, not from the copy "
+                      f"{dest}; refusing (a mutant would not be seen)", file=sys.stderr)
+                return 2
+        free: queue.Queue = queue.Queue()
+        for _, dest in copies:
+            free.put(dest)
+
+        def one(mu: Mutant) -> dict:
+            dest = free.get()  # a copy no other worker is mutating now
+            try:
+                row = run_mutant(mu, dest, test_env(dest), args.timeout, args.tests)
+            finally:
+                free.put(dest)
             print(f"{row['name']:28} {row['caught']:4} {row['by']} ({row['secs']:.1f} s)", flush=True)
+            return row
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(copies))
+        try:
+            rows = list(pool.map(one, mutants))
+        except BaseException:  # Ctrl-C / SIGTERM: stop the running pytests first, then the workers restore
+            kill_live()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
         catchers = sorted({r["by"] for r in rows if r["caught"] == "yes"})
         if catchers:  # each catching test must pass without the fault, else it proves nothing
-            for nodeid in catchers:
-                rc, out = run_pytest(dest, env, [nodeid], args.timeout)
-                if rc != 0:
-                    for r in rows:
-                        if r["by"] == nodeid:
-                            r["caught"] = "no (test fails unmutated too)"
+            dest = copies[0][1]
+            rc, out = run_pytest(dest, test_env(dest), catchers, args.timeout, stop_first=False)
+            bad = set(failures(out)) if rc != 0 else set()
+            if rc not in (0, 1) or (rc == 1 and not bad):
+                bad = set(catchers)  # could not tell which: trust none
+            for r in rows:
+                if r["by"] in bad:
+                    r["caught"] = "no (test fails unmutated too)"
         print()
         print(table(rows))
         missed = [r for r in rows if not r["caught"].startswith(("yes", "not testable"))]
@@ -306,11 +354,14 @@ def main(argv=None) -> int:
               + (f"; NOT caught: {', '.join(r['name'] for r in missed)}" if missed else ""))
         return 1 if missed or (args.strict and untested) else 0
     except (KeyboardInterrupt, Interrupted):
-        print("\nmutation_check: interrupted; the copy is removed, the checkout was never modified", file=sys.stderr)
+        kill_live()
+        print("\nmutation_check: interrupted; the copies are removed, the checkout was never modified",
+              file=sys.stderr)
         return 130
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
+        kill_live()
+        for tmp, _ in copies:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     sys.exit(main())
