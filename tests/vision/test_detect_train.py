@@ -128,3 +128,25 @@ def test_full_finetune_baseline_writes_a_plain_model(shapes, tmp_path):
     metrics = Task(opts).run(say=lambda *_: None)
     assert metrics["full_finetune"] is True and metrics["trainable_params"] == metrics["total_params"]
     assert (tmp_path / "f" / "model" / "model.pt").is_file() and not (tmp_path / "f" / "adapter").exists()
+
+
+def test_overwrite_takes_every_entry_of_a_real_detect_run(adapted, tmp_path):
+    """``--out OLD --overwrite`` on a detect run: refused without the flag, cleared whole with it.
+
+    The run directory's entries come from the real detect run (not a list written here), so a new
+    file the detect task starts writing must be known to ``rundir.RUN_ENTRIES`` or this fails.
+    """
+    import shutil
+
+    import pytest
+
+    from lorafit.train import rundir
+    from lorafit.train.errors import LorafitError
+
+    old = tmp_path / "old"
+    shutil.copytree(adapted["run"], old)
+    with pytest.raises(LorafitError, match="holds a run .*add --overwrite"):
+        rundir.check_new_run(old, overwrite=False)
+    rundir.check_new_run(old, overwrite=True)  # nothing in it is foreign to a lorafit run
+    rundir.clear_old_run(old)
+    assert sorted(p.name for p in old.iterdir()) == []
