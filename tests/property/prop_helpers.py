@@ -35,8 +35,16 @@ PROP = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                                        HealthCheck.data_too_large])
 # PEFT round trips build a PeftModel per example (~0.3 s each): fewer examples there
 PROP_PEFT = settings(PROP, max_examples=15)
+# for tests parametrized over dtype / code path: hypothesis's first examples favour the first
+# value of a sampled_from, so a dtype drawn at random could get one example in 25; parametrizing
+# gives every dtype and path its own examples
+PROP_EACH = settings(PROP, max_examples=12)
 ROUNDINGS = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 SCALES = (0.5, 2.0, 3.0)  # s != 1 (and s*s != s): a dropped or squared scaling changes the output
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP, PROP_PEFT, Wrap, add_adapters, adapter_specs, assert_sensitive,
-                          assert_within, bound, randomize_, scaling_of, unit)
+from prop_helpers import (DTYPES, PROP, PROP_EACH, PROP_PEFT, Wrap, adapter_specs, add_adapters, assert_sensitive,
+                          assert_within, bound, dtype_id, randomize_, scaling_of, unit)
 
 import lorafit
 
@@ -93,10 +93,11 @@ def inner(conv, specs, active) -> int:
     return conv.weight[0].numel() + sum(specs[i]["r"] for i in active) // conv.groups
 
 
-@PROP
-@given(conv_cases())
-def test_conv_forward_matches_dense(case):
-    base, x, specs, active, dtype, gen = case
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@PROP_EACH
+@given(data=st.data())
+def test_conv_forward_matches_dense(dtype, data):
+    base, x, specs, active, dtype, gen = data.draw(conv_cases(dtypes=(dtype,)))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     assert all(ad.a_groups == base.layer.groups for ad in model.layer.adapters.values())
@@ -142,10 +143,11 @@ def test_conv_adapter_gradients_match_dense(case):
     assert model.layer.base_layer.weight.grad is None
 
 
-@PROP
-@given(conv_cases())
-def test_conv_merge_unmerge_round_trip(case):
-    base, x, specs, active, dtype, gen = case
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@PROP_EACH
+@given(data=st.data())
+def test_conv_merge_unmerge_round_trip(dtype, data):
+    base, x, specs, active, dtype, gen = data.draw(conv_cases(dtypes=(dtype,)))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     terms = live_terms(model, names, specs, active)

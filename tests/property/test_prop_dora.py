@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP, ROUNDINGS, Wrap, add_adapters, adapter_specs, assert_sensitive, assert_within,
-                          bound, randomize_, scaling_of, unit)
+from prop_helpers import (DTYPES, PROP_EACH, ROUNDINGS, Wrap, adapter_specs, add_adapters, assert_sensitive,
+                          assert_within, bound, dtype_id, randomize_, scaling_of, unit)
 from test_prop_conv import CONV, group_delta
 
 import lorafit
@@ -30,10 +30,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning
 
 
 @st.composite
-def dora_cases(draw, dtypes=DTYPES):
+def dora_cases(draw, dtypes=DTYPES, kinds=("linear", "conv")):
     """(base model, x, spec, dtype, generator): one DoRA adapter on a random Linear or conv."""
     dtype = draw(st.sampled_from(dtypes))
-    kind = draw(st.sampled_from(("linear", "conv")))
+    kind = draw(st.sampled_from(kinds))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     if kind == "linear":
         layer = nn.Linear(draw(st.integers(1, 16)), draw(st.integers(1, 16)), bias=draw(st.booleans()))
@@ -115,9 +115,15 @@ def setup(case):
     return model, ref, base_ref, allowed, (w, delta, dabs, n, gv, absz)
 
 
-@PROP
-@given(dora_cases())
-def test_dora_forward_matches_definition(case):
+KINDS = pytest.mark.parametrize("kind", ["linear", "conv"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@KINDS
+@PROP_EACH
+@given(data=st.data())
+def test_dora_forward_matches_definition(dtype, kind, data):
+    case = data.draw(dora_cases(dtypes=(dtype,), kinds=(kind,)))
     model, ref, base_ref, allowed, _ = setup(case)
     x, dtype = case[1], case[3]
     with torch.no_grad():
@@ -127,9 +133,12 @@ def test_dora_forward_matches_definition(case):
     assert_within(got, ref, allowed, f"DoRA {model.layer.base_layer} {dtype}")
 
 
-@PROP
-@given(dora_cases())
-def test_dora_merge_unmerge_round_trip(case):
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@KINDS
+@PROP_EACH
+@given(data=st.data())
+def test_dora_merge_unmerge_round_trip(dtype, kind, data):
+    case = data.draw(dora_cases(dtypes=(dtype,), kinds=(kind,)))
     model, ref, _, allowed, (w, delta, dabs, n, gv, absz) = setup(case)
     x, spec, dtype = case[1], case[2], case[3]
     rg = spec["r"] // getattr(model.layer, "groups", 1)

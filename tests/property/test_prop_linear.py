@@ -13,12 +13,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP, PROP_PEFT, Wrap, add_adapters, adapter_specs, assert_sensitive,
-                          assert_within, bound, randomize_, scaling_of, unit)
+from prop_helpers import (DTYPES, PROP, PROP_EACH, PROP_PEFT, Wrap, adapter_specs, add_adapters, assert_sensitive,
+                          assert_within, bound, dtype_id, randomize_, scaling_of, unit)
 
 import lorafit
 
@@ -61,10 +62,15 @@ def live_terms(model, names, specs, active):
     return [(ads[names[i]].lora_A, ads[names[i]].lora_B, scaling_of(specs[i])) for i in active]
 
 
-@PROP
-@given(linear_cases())
-def test_linear_forward_matches_dense(case):
-    base, x, specs, active, dtype, gen = case
+PATHS = pytest.mark.parametrize("custom", [False, True], ids=["fused", "add_after_base"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@PATHS
+@PROP_EACH
+@given(data=st.data())
+def test_linear_forward_matches_dense(dtype, custom, data):
+    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     ref, absref, base_ref = linear_reference(base.layer, live_terms(model, names, specs, active), x)
@@ -78,15 +84,17 @@ def test_linear_forward_matches_dense(case):
         assert torch.equal(model(x), base(x))  # disabled: the base layer itself, bit for bit
 
 
-@PROP
-@given(linear_cases(dtypes=(torch.float32, torch.float64)))
-def test_linear_gradients_match_dense(case):
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=dtype_id)
+@PATHS
+@PROP_EACH
+@given(data=st.data())
+def test_linear_gradients_match_dense(dtype, custom, data):
     """dL/dA_i, dL/dB_i and dL/dx of sum(y * g) equal autograd through the dense float64 reference.
 
     The bound's magnitude is the same gradient taken through the absolute-value graph
     (|x|, |W|, |A|, |B|, |g|): every product in the true gradient is bounded by it.
     """
-    base, x, specs, active, dtype, gen = case
+    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     x = x.clone().requires_grad_(True)
@@ -120,10 +128,11 @@ def test_linear_gradients_match_dense(case):
     assert_within(x.grad, grads[0][1], bound(grads[1][1], dtype, n), "dx")
 
 
-@PROP
-@given(linear_cases())
-def test_linear_merge_unmerge_round_trip(case):
-    base, x, specs, active, dtype, gen = case
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@PROP_EACH
+@given(data=st.data())
+def test_linear_merge_unmerge_round_trip(dtype, data):
+    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,)))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     terms = live_terms(model, names, specs, active)
@@ -227,10 +236,10 @@ def test_linear_reads_peft_files(case, data):
     assert_within(ours, ref, allowed, "lorafit on PEFT's file vs dense")
 
 
-@PROP
-@given(st.integers(2, 30), st.integers(1, 16), st.sampled_from(DTYPES), adapter_specs(), st.integers(0, 2**16),
-       st.booleans())
-def test_embedding_forward_matches_dense(vocab, dim, dtype, spec_active, seed, padded):
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@PROP_EACH
+@given(st.integers(2, 30), st.integers(1, 16), adapter_specs(), st.integers(0, 2**16), st.booleans())
+def test_embedding_forward_matches_dense(dtype, vocab, dim, spec_active, seed, padded):
     specs, active = spec_active
     gen = torch.Generator().manual_seed(seed)
     base = Wrap(nn.Embedding(vocab, dim, padding_idx=0 if padded else None))

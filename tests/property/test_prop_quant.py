@@ -11,11 +11,12 @@ the error actually added.
 
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import PROP, Wrap, add_adapters, adapter_specs, assert_within, bound, scaling_of, unit
+from prop_helpers import PROP, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_within, bound, scaling_of, unit
 
 import lorafit
 from lorafit.quant import Int8Linear, NF4Linear
@@ -77,9 +78,10 @@ def _linear(w: torch.Tensor, bias: bool = False) -> nn.Linear:
     return lin
 
 
-@PROP
-@given(nf4_cases(), adapter_specs(max_adapters=1, allow_dropout=False), st.sampled_from(("nf4", "int8")))
-def test_quantized_lora_forward_within_bound_of_original_weight(case, spec_active, fmt):
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@PROP_EACH
+@given(nf4_cases(), adapter_specs(max_adapters=1, allow_dropout=False))
+def test_quantized_lora_forward_within_bound_of_original_weight(fmt, case, spec_active):
     """y = x W^T + s x A^T B^T with the ORIGINAL W, up to the format's per-weight error."""
     w, block, dq, gen = case
     (spec,), _ = spec_active
@@ -107,9 +109,10 @@ def test_quantized_lora_forward_within_bound_of_original_weight(case, spec_activ
     assert_within(got, ref, allowed, f"{fmt} LoRA forward")
 
 
-@PROP
-@given(nf4_cases(), adapter_specs(max_adapters=1, allow_dropout=False), st.sampled_from(("nf4", "int8")))
-def test_merge_error_is_the_error_actually_added(case, spec_active, fmt):
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@PROP_EACH
+@given(nf4_cases(), adapter_specs(max_adapters=1, allow_dropout=False))
+def test_merge_error_is_the_error_actually_added(fmt, case, spec_active):
     """merge_error == max |stored weight after merge - (stored weight before + s B A)|, recomputed here."""
     w, block, dq, gen = case
     (spec,), _ = spec_active

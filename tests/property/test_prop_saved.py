@@ -8,18 +8,20 @@ so a duplicate of x, an fp32 copy of a bf16 x or a per-adapter loop all fail.
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import PROP, add_adapters
+from prop_helpers import PROP_EACH, add_adapters, dtype_id
 from test_prop_linear import linear_cases
 
 
-@PROP
-@given(linear_cases(dtypes=(torch.float32, torch.bfloat16), allow_dropout=False), st.integers(2, 4),
-       st.integers(13, 16))
-def test_saved_for_backward_is_x_and_xa_only(case, n, length):
-    base, _, specs, active, dtype, gen = case
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("custom", [False, True], ids=["fused", "add_after_base"])
+@PROP_EACH
+@given(data=st.data(), n=st.integers(2, 4), length=st.integers(13, 16))
+def test_saved_for_backward_is_x_and_xa_only(dtype, custom, data, n, length):
+    base, _, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom, allow_dropout=False))
     model = copy.deepcopy(base)
     add_adapters(model, specs, active, gen)
     model.train()  # dropout is 0: training mode must not add a copy either
