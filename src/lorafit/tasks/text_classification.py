@@ -164,7 +164,7 @@ class Task(TextModel, LabelFiles):
             raise LorafitError(
                 f"{table.path}: --max-samples {self.opts['max_samples']} kept {kept} rows, all with label "
                 f"{only!r} in column {col!r}, but the file has {len(self.file_counts)} labels; "
-                "raise --max-samples or shuffle the file"
+                "raise --max-samples or change --seed"
             )
         raise LorafitError(
             f"{table.path}: column {col!r} has one label ({only!r}) in all {kept} rows; "
