@@ -198,7 +198,11 @@ def test_resume_refuses_changed_options_before_writing_then_resumes(run_copy, tm
     assert snapshot(run_copy) == before
 
     monkeypatch.undo()  # the model may load now
-    assert main(["train", "--resume", str(run_copy), "--log-every", "5", "--eval-batch-size", "16"]) == 0
+    import yaml
+
+    model = yaml.safe_load((run_copy / "config.yaml").read_text())["model"]
+    allowed = ["--log-every", "5", "--eval-batch-size", "16", "--model", f"{model}/."]  # the same directory
+    assert main(["train", "--resume", str(run_copy), *allowed]) == 0
     assert "resuming" in capsys.readouterr().out
     assert not (run_copy / ckpt.CHECKPOINT).exists() and (run_copy / "adapter").is_dir()
     assert not (run_copy / ".metrics.json.abc.tmp").exists()

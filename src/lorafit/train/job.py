@@ -9,6 +9,10 @@ Run directory layout (rank 0 writes, everything atomically)::
     metrics.json     final numbers (eval metric, train_time_s, trainable_params, adapter_bytes, ...)
     loss.png         training (and eval) loss
     checkpoint.pt    while running or after an interruption (removed when the run completes)
+
+A new run's ``--out`` must be absent or empty (``--overwrite`` replaces an old run), and
+``--resume`` refuses changed options; both are checked before a model is loaded
+(:mod:`lorafit.train.rundir`).
 """
 
 from __future__ import annotations

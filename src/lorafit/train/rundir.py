@@ -202,9 +202,15 @@ def reserve_default(task: str, root: str | Path = "runs") -> str:
 
 
 def _same(a: Any, b: Any, kind: str) -> bool:
-    if kind == "path" and isinstance(a, str) and isinstance(b, str):
-        return os.path.abspath(a) == os.path.abspath(b)
-    return a == b
+    """Equal values; paths (``--train``, and ``--model`` given as a directory) compare as files."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        if kind == "path" and os.path.abspath(a) == os.path.abspath(b):
+            return True
+        with contextlib.suppress(OSError):
+            return os.path.samefile(a, b)
+    return False
 
 
 def _show(value: Any) -> str:
