@@ -141,7 +141,8 @@ def _bad_cases(d: Path):
         (["--train", str(d / "one.csv")], "one.csv: column 'label' has one label ('pos') in all 2 rows"),
         (
             ["--train", str(d / "mixed.csv")],
-            "mixed.csv line 4: column 'label' mixes numeric labels (1 on line 2) and text labels ('neutral' on line 4)",
+            "mixed.csv line 4: column 'label' mixes numeric labels (1 on line 2) "
+            "and text labels ('neutral' on line 4)",
         ),
         (["--max-length", "1024"], "--max-length 1024: model "),
         (["--dropout", "1"], "--dropout: must be < 1, got 1.0"),
@@ -150,7 +151,7 @@ def _bad_cases(d: Path):
         (["--full-finetune", "--rank", "16", "--targets", "query"], "--rank, --targets: adapter options cannot go"),
         (["--config", str(d / "fullft.yaml")], "--targets (in "),
         (["--train", str(d / "tabs.csv")], "tabs.csv: the header 'text\\tlabel' looks tab-separated; rename"),
-        (["--config", str(d / "broken.yaml")], "broken.yaml line 2: invalid YAML (mapping values are not allowed here)"),
+        (["--config", str(d / "broken.yaml")], "broken.yaml line 2: invalid YAML (mapping values are not allowed"),
     ]
 
 
