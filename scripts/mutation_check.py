@@ -91,6 +91,8 @@ MUTANTS = [
       "self.scaling = self.alpha / r", LINEAR + ["tests/test_peft_parity.py"]),
     m("scaling_dropped_lora_add", F, "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)",
       "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=1.0)", LINEAR),
+    m("scaling_dropped_lora_add_no_grad", F, "_flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=scaling)",
+      "_flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=1.0)", LINEAR),
     m("scaling_dropped_embedding", E, "a, b = ad.lora_A, ad.lora_B * ad.scaling", "a, b = ad.lora_A, ad.lora_B",
       ["tests/test_peft_parity.py", "tests/property/test_prop_linear.py"]),
     # adapter key names in io

@@ -75,11 +75,13 @@ def test_linear_forward_matches_dense(dtype, custom, data):
     names = add_adapters(model, specs, active, gen)
     ref, absref, base_ref = linear_reference(base.layer, live_terms(model, names, specs, active), x)
     allowed = bound(absref, dtype, x.shape[-1] + sum(specs[i]["r"] for i in active))
-    with torch.no_grad():
-        got = model(x)
-    assert got.dtype == dtype
     assert_sensitive(ref, base_ref, allowed, "linear")
-    assert_within(got, ref, allowed, f"linear {dtype} {type(base.layer).__name__} active={active}")
+    with torch.no_grad():
+        got = model(x)  # inference: lora_add_ has its own no-grad branch
+    train_mode = model(x).detach()  # with autograd: the custom Functions' forward (adapters require grad)
+    for out, how in ((got, "no_grad"), (train_mode, "autograd")):
+        assert out.dtype == dtype
+        assert_within(out, ref, allowed, f"linear {dtype} {type(base.layer).__name__} active={active} ({how})")
     with torch.no_grad(), lorafit.disabled(model):
         assert torch.equal(model(x), base(x))  # disabled: the base layer itself, bit for bit
 
