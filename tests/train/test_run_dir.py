@@ -150,6 +150,7 @@ def test_out_refusals_before_loading(tiny_bert, cls_data, run_copy, tmp_path, ca
 def test_empty_out_is_accepted_and_the_probe_leaves_nothing(tiny_bert, cls_data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / ".config.yaml.k1.tmp").write_text("rank:")  # a start killed at its first write: cleaned
     opts, run = job.prepare(flags(tiny_bert, cls_data, empty))
     assert run is None and opts["out"] == str(empty) and opts["overwrite"] is False
     assert list(empty.iterdir()) == []

@@ -111,7 +111,9 @@ def check_new_run(out: str | Path, overwrite: bool) -> None:
     d = Path(out)
     probe_writable(d, "--out")
     entries = sorted(os.listdir(d)) if d.is_dir() else []
-    if not entries:
+    if all(e.startswith(".") and e.endswith(".tmp") for e in entries):
+        for e in entries:  # only the temporary files of a start killed at its first write
+            _remove(d / e)
         return
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     if not overwrite:
