@@ -195,7 +195,8 @@ def test_resume_refuses_changed_options_before_writing_then_resumes(run_copy, tm
     assert main(["train", "--resume", str(run_copy), "--overwrite"]) == 2
     assert one_error(capsys).startswith("--overwrite cannot go with --resume")
     assert main(["train", "--resume", str(run_copy), "--out", str(tmp_path / "elsewhere")]) == 2
-    assert one_error(capsys) == f"--resume {run_copy} and --out {tmp_path / 'elsewhere'} name different runs; give one of them"
+    elsewhere = tmp_path / "elsewhere"
+    assert one_error(capsys) == f"--resume {run_copy} and --out {elsewhere} name different runs; give one of them"
     assert snapshot(run_copy) == before
 
     monkeypatch.undo()  # the model may load now
