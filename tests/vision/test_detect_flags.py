@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 # The options the detect task reads (mapped onto Ultralytics' args or JobControls) or that the job reads
 # (``overwrite``: run_train clears the old run before the detect task starts).
-MAPPED = {"config", "task", "model", "resume", "out", "overwrite", "data", "imgsz", "max_samples", "rank", "alpha", "dropout",
+MAPPED = {"config", "task", "model", "resume", "out", "overwrite", "data", "imgsz", "max_samples", "rank", "alpha",
+          "dropout",
           "targets", "full_finetune", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup",
           "lr_b_ratio", "max_grad_norm", "seed", "precision", "device", "eval_every", "eval_before",
           "eval_batch_size", "save_every", "log_every"}

@@ -31,7 +31,6 @@ def record_eval_logits(patch) -> list[dict]:
     record holds ``rows``, ``batch_size`` and ``logits`` (float32, [len(rows), num_labels]) computed
     in the same batches, so a test can compare the trained model's logits with a reloaded model's.
     """
-    import torch
 
     from lorafit.tasks import image_classification as ic
 
