@@ -259,8 +259,9 @@ def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float, tests: list[st
         row.update(caught="no (timeout)")
     elif rc in (1, 2) and failed:
         row.update(caught="yes", by=failed)
-    elif rc not in (0, 5):
-        row.update(caught=f"no (pytest exit {rc})", by=out.strip().splitlines()[-1][:80] if out.strip() else "")
+    else:  # say what ran: "49 passed in 11.2s" (pytest's last line), or why it stopped
+        last = out.strip().splitlines()[-1].strip("= ")[:80] if out.strip() else ""
+        row.update(caught="no" if rc in (0, 5) else f"no (pytest exit {rc})", by=f"({last})" if last else "")
     if mu.needs and row["caught"] == "no" and re.search(r"\bskipped\b", out) and not re.search(r"\bpassed\b", out):
         row["caught"] = f"not testable here ({mu.needs}: tests skipped)"
     return row
