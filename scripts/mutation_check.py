@@ -285,7 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="a mutant not testable here (triton missing) fails the run")
     ap.add_argument("--source", choices=("worktree", "head"), default="worktree",
                     help="what to copy and mutate: the working tree as it is (default) or the last commit")
-    ap.add_argument("--jobs", type=int, default=1, help="mutants run at once, each on its own copy (default 1)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="mutants run at once, each on its own copy (default: 2, or 1 on a 1-core machine)")
     ap.add_argument("--tests", action="append", metavar="PATH",
                     help="run these tests for every mutant instead of each mutant's own subset (e.g. tests/property: "
                          "what that layer alone catches)")
