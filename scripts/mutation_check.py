@@ -61,6 +61,7 @@ QUANT = ["tests/quant/test_quant_formats.py", "tests/quant/test_quant_layers.py"
 SAVED = ["tests/core/test_functional.py", "tests/property/test_prop_saved.py", "tests/core"]
 MULTI = ["tests/core", "tests/property/test_prop_saved.py", "tests/property/test_prop_linear.py"]
 TRITON = ["tests/quant/test_quant_triton.py"]
+BATCH = ["tests/core/test_adapters.py", "tests/property/test_prop_adapters.py"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ def m(name, file, old, new, tests, needs=None) -> Mutant:
 F, B, C = "src/lorafit/functional.py", "src/lorafit/layers/base.py", "src/lorafit/layers/conv.py"
 L, IOF, D = "src/lorafit/layers/linear.py", "src/lorafit/io.py", "src/lorafit/variants/dora.py"
 QF, QL, QT = "src/lorafit/quant/formats.py", "src/lorafit/quant/layers.py", "src/lorafit/quant/triton_nf4.py"
-E = "src/lorafit/layers/embedding.py"
+E, BT = "src/lorafit/layers/embedding.py", "src/lorafit/layers/batched.py"
 
 MUTANTS = [
     # scaling
@@ -135,6 +136,13 @@ MUTANTS = [
       "b = torch.cat([(ad.lora_B).reshape(", CONV),
     m("multi_adapter_cat_scaling", B, "b = torch.cat([ad.lora_B * ad.scaling for ad in live], 1)",
       "b = torch.cat([ad.lora_B for ad in live], 1)", MULTI),
+    # mixed-adapter batches (adapter_batch)
+    m("batch_rows_shifted", BT, "xa = torch.bmm(x3, a_stack[rows].transpose(1, 2))",
+      "xa = torch.bmm(x3, a_stack[rows.roll(1)].transpose(1, 2))", BATCH),
+    m("batch_conv_scaling_dropped", BT, "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(",
+      "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype)).view(", BATCH),
+    m("set_adapter_first_only", "src/lorafit/adapters.py", "layer.set_active(names)", "layer.set_active(names[:1])",
+      BATCH + ["tests/core"]),
     # tensors saved for backward
     m("saved_extra_copy_of_x", F, "save_x = x if (weight.requires_grad and not ctx.same_input) else None",
       "save_x = x.detach().clone()", SAVED),
