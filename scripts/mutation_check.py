@@ -110,6 +110,8 @@ MUTANTS = [
     m("conv_padding_mode_ignored", C, 'if base.padding_mode != "zeros":', "if False:", CONV),
     m("conv_groups_ignored", C, "g = self.groups if a_groups is None else a_groups",
       "g = 1 if a_groups is None else a_groups", CONV),
+    m("conv1d_gpt2_merge_not_transposed", L, "            delta = delta.t()\n", "            pass\n",
+      MERGE + ["tests/test_peft_parity.py", "tests/variants"]),
     # merge sign
     m("merge_sign", B, "new = weight.float() + delta.float()", "new = weight.float() - delta.float()", MERGE),
     m("unmerge_sign", B, "weight.copy_((weight.float() - delta.float()).to(weight.dtype))",
