@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from prop_helpers import (DTYPES, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_sensitive, assert_within,
                           bound, dtype_id, randomize_, scaling_of)
 from test_prop_conv import conv_cases, conv_reference
-from test_prop_linear import linear_cases, linear_reference
+from test_prop_linear import linear_cases, linear_reference, weight_of
 
 import lorafit
 
@@ -62,7 +62,7 @@ def inner(kind, layer, ranks) -> int:
     """Longest sum per output: fan-in (per group) plus the largest rank (stacks are zero-padded)."""
     if kind == "embedding":
         return max(ranks, default=0) + 1
-    return layer.weight[0].numel() + max(ranks, default=0)
+    return weight_of(layer)[0].numel() + max(ranks, default=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -112,6 +112,6 @@ def test_delete_and_set_adapter_leave_the_right_function(kind, data):
     terms = [(ads[n].lora_A, ads[n].lora_B, scaling_of(specs[names.index(n)])) for n in live]
     ref, absref, _ = reference(kind, base.layer, terms, x)
     ranks = sum(specs[names.index(n)]["r"] for n in live) // getattr(base.layer, "groups", 1)
-    allowed = bound(absref, dtype, base.layer.weight[0].numel() + ranks)
+    allowed = bound(absref, dtype, weight_of(base.layer)[0].numel() + ranks)
     with torch.no_grad():
         assert_within(model(x), ref, allowed, f"{kind} after deleting {gone}, active {live}")

@@ -31,16 +31,31 @@ class CustomLinear(nn.Linear):
         return super().forward(x)
 
 
+def gpt2_conv1d(in_f: int, out_f: int, bias: bool = True) -> nn.Module:
+    """transformers' GPT-2 Conv1D: weight [in, out] (fan_in_fan_out), always with a bias."""
+    from transformers.pytorch_utils import Conv1D
+    return Conv1D(out_f, in_f)
+
+
+# the three linear code paths: the fused op, base-then-add (lora_add_), and fan_in_fan_out
+BASES = {"fused": nn.Linear, "add_after_base": CustomLinear, "gpt2_conv1d": gpt2_conv1d}
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a transposed view for GPT-2's Conv1D)."""
+    return layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight
+
+
 @st.composite
-def linear_cases(draw, dtypes=DTYPES, custom=None, allow_dropout=True):
-    """(base model, x, specs, active, dtype, generator) for a random Linear layer."""
+def linear_cases(draw, dtypes=DTYPES, path=None, allow_dropout=True):
+    """(base model, x, specs, active, dtype, generator) for a random linear layer of kind ``path``."""
     in_f, out_f = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
     dtype = draw(st.sampled_from(dtypes))
-    cls = CustomLinear if (draw(st.booleans()) if custom is None else custom) else nn.Linear
+    make = BASES[path if path is not None else draw(st.sampled_from(sorted(BASES)))]
     specs, active = draw(adapter_specs(allow_dropout=allow_dropout))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    base = Wrap(cls(in_f, out_f, bias=draw(st.booleans())))
+    base = Wrap(make(in_f, out_f, bias=draw(st.booleans())))
     randomize_(base, gen)
     base = base.to(dtype).eval()
     x = torch.randn(*lead, in_f, generator=gen, dtype=torch.float64).to(dtype)
@@ -49,7 +64,7 @@ def linear_cases(draw, dtypes=DTYPES, custom=None, allow_dropout=True):
 
 def linear_reference(base_layer: nn.Linear, terms, x):
     """(ref, |.| ref, base-only ref) in float64; terms = [(A [r, in], B [out, r], s)]."""
-    w = base_layer.weight.double()
+    w = weight_of(base_layer).double()
     delta = sum((s * b.double() @ a.double() for a, b, s in terms), torch.zeros_like(w))
     wabs = w.abs() + sum((s * b.double().abs() @ a.double().abs() for a, b, s in terms), torch.zeros_like(w))
     bias = base_layer.bias.double() if base_layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
@@ -62,15 +77,15 @@ def live_terms(model, names, specs, active):
     return [(ads[names[i]].lora_A, ads[names[i]].lora_B, scaling_of(specs[i])) for i in active]
 
 
-PATHS = pytest.mark.parametrize("custom", [False, True], ids=["fused", "add_after_base"])
+PATHS = pytest.mark.parametrize("path", list(BASES))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @PATHS
 @PROP_EACH
 @given(data=st.data())
-def test_linear_forward_matches_dense(dtype, custom, data):
-    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom))
+def test_linear_forward_matches_dense(dtype, path, data):
+    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), path=path))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     ref, absref, base_ref = linear_reference(base.layer, live_terms(model, names, specs, active), x)
@@ -90,17 +105,18 @@ def test_linear_forward_matches_dense(dtype, custom, data):
 @PATHS
 @PROP_EACH
 @given(data=st.data())
-def test_linear_gradients_match_dense(dtype, custom, data):
+def test_linear_gradients_match_dense(dtype, path, data):
     """dL/dA_i, dL/dB_i and dL/dx of sum(y * g) equal autograd through the dense float64 reference.
 
     The bound's magnitude is the same gradient taken through the absolute-value graph
     (|x|, |W|, |A|, |B|, |g|): every product in the true gradient is bounded by it.
     """
-    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom))
+    base, x, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), path=path))
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     x = x.clone().requires_grad_(True)
-    g = torch.randn(*x.shape[:-1], base.layer.out_features, generator=gen, dtype=torch.float64).to(dtype)
+    out_f = weight_of(base.layer).shape[0]
+    g = torch.randn(*x.shape[:-1], out_f, generator=gen, dtype=torch.float64).to(dtype)
     (model(x) * g).sum().backward()
 
     def leaves(absolute):
@@ -118,7 +134,7 @@ def test_linear_gradients_match_dense(dtype, custom, data):
         ref = linear_reference(layer, terms, xd)[0]
         (ref * (g.double().abs() if absolute else g.double())).sum().backward()
         grads.append(([(a.grad, b.grad) for a, b, _ in terms], xd.grad))
-    n = x.numel() // x.shape[-1] + x.shape[-1] + base.layer.out_features + sum(specs[i]["r"] for i in active)
+    n = x.numel() // x.shape[-1] + x.shape[-1] + out_f + sum(specs[i]["r"] for i in active)
     for (want, absg), i in zip(zip(grads[0][0], grads[1][0]), active):
         ad = model.layer.adapters[names[i]]
         for got, w, m, what in ((ad.lora_A.grad, want[0], absg[0], "dA"), (ad.lora_B.grad, want[1], absg[1], "dB")):
@@ -143,7 +159,7 @@ def test_linear_merge_unmerge_round_trip(dtype, data):
     # merge arithmetic is fp32 by design (delta_weight): B@A (r terms), * s, W + delta, per adapter
     merge_u = (r_all + 3 + k) * unit(torch.float32) + 2 * unit(dtype)
     allowed = bound(absref, dtype, x.shape[-1] + r_all) + merge_u * absref
-    w0 = base.layer.weight.detach().clone()
+    w0 = weight_of(base.layer).detach().clone()
     with torch.no_grad():
         unmerged = model(x)
         lorafit.merge(model)
@@ -155,7 +171,7 @@ def test_linear_merge_unmerge_round_trip(dtype, data):
         assert model.layer.merged == []
         w = w0.double()
         wabs = w.abs() + sum(s * b.double().abs() @ a.double().abs() for a, b, s in terms)
-        assert_within(model.layer.base_layer.weight, w, 2 * merge_u * wabs, "weight after merge + unmerge")
+        assert_within(weight_of(model.layer.base_layer), w, 2 * merge_u * wabs, "weight after merge + unmerge")
         again = model(x)
         assert_within(again, ref, allowed, "forward after unmerge")
         plain = lorafit.merge_and_unload(model)
@@ -189,7 +205,7 @@ def _peft_set(pm, names):
 
 
 @PROP_PEFT
-@given(linear_cases(dtypes=(torch.float32,), custom=False))
+@given(linear_cases(dtypes=(torch.float32,), path="fused"))
 def test_linear_peft_reads_our_files(case):
     from peft import PeftModel
     base, x, specs, active, dtype, gen = case
@@ -213,7 +229,7 @@ def test_linear_peft_reads_our_files(case):
 
 
 @PROP_PEFT
-@given(linear_cases(dtypes=(torch.float32,), custom=False), st.data())
+@given(linear_cases(dtypes=(torch.float32,), path="fused"), st.data())
 def test_linear_reads_peft_files(case, data):
     from peft import LoraConfig, get_peft_model
     base, x, specs, active, dtype, gen = case

@@ -13,19 +13,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_helpers import PROP_EACH, add_adapters, dtype_id
-from test_prop_linear import linear_cases
+from test_prop_linear import BASES, linear_cases, weight_of
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
-@pytest.mark.parametrize("custom", [False, True], ids=["fused", "add_after_base"])
+@pytest.mark.parametrize("path", list(BASES))
 @PROP_EACH
 @given(data=st.data(), n=st.integers(2, 4), length=st.integers(13, 16))
-def test_saved_for_backward_is_x_and_xa_only(dtype, custom, data, n, length):
-    base, _, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), custom=custom, allow_dropout=False))
+def test_saved_for_backward_is_x_and_xa_only(dtype, path, data, n, length):
+    base, _, specs, active, dtype, gen = data.draw(linear_cases(dtypes=(dtype,), path=path, allow_dropout=False))
     model = copy.deepcopy(base)
     add_adapters(model, specs, active, gen)
     model.train()  # dropout is 0: training mode must not add a copy either
-    in_f = base.layer.in_features
+    in_f = weight_of(base.layer).shape[1]
     # T = n * length >= 26 rows: larger than any weight dimension here (<= 24), so an
     # activation-sized tensor is told from a weight-sized one by its leading size alone
     x = torch.randn(n, length, in_f, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
