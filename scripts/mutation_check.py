@@ -62,6 +62,7 @@ SAVED = ["tests/core/test_functional.py", "tests/property/test_prop_saved.py", "
 MULTI = ["tests/core", "tests/property/test_prop_saved.py", "tests/property/test_prop_linear.py"]
 TRITON = ["tests/quant/test_quant_triton.py"]
 BATCH = ["tests/core/test_adapters.py", "tests/property/test_prop_adapters.py"]
+MHA = ["tests/test_peft_parity.py", "tests/core/test_adapters.py", "tests/property/test_prop_mha.py"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ F, B, C = "src/lorafit/functional.py", "src/lorafit/layers/base.py", "src/lorafi
 L, IOF, D = "src/lorafit/layers/linear.py", "src/lorafit/io.py", "src/lorafit/variants/dora.py"
 QF, QL, QT = "src/lorafit/quant/formats.py", "src/lorafit/quant/layers.py", "src/lorafit/quant/triton_nf4.py"
 E, BT = "src/lorafit/layers/embedding.py", "src/lorafit/layers/batched.py"
+MH = "src/lorafit/layers/mha.py"
 
 MUTANTS = [
     # scaling
@@ -96,6 +98,10 @@ MUTANTS = [
       "_flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=1.0)", LINEAR),
     m("scaling_dropped_embedding", E, "a, b = ad.lora_A, ad.lora_B * ad.scaling", "a, b = ad.lora_A, ad.lora_B",
       ["tests/test_peft_parity.py", "tests/property/test_prop_linear.py"]),
+    m("mha_scaling_dropped", MH, "w = w + (ad.lora_B.to(w.dtype) @ ad.lora_A.to(w.dtype)) * ad.scaling",
+      "w = w + (ad.lora_B.to(w.dtype) @ ad.lora_A.to(w.dtype))", MHA),
+    m("mha_out_proj_merge_sign", MH, "new_out = base.out_proj.weight + self._out_delta(name)",
+      "new_out = base.out_proj.weight - self._out_delta(name)", MHA),
     # adapter key names in io
     m("io_lora_A_B_swapped", IOF, 'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_A, ad.lora_B',
       'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_B, ad.lora_A', IO),
