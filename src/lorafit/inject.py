@@ -213,12 +213,17 @@ def active_names(model: nn.Module) -> tuple[str, ...]:
 def commit(model: nn.Module, config: LoraConfig, adapter: str, plan: list[PlanItem], saved: list) -> None:
     """Apply a plan: swap wrappers in, attach adapters, freeze the base, set trainability."""
     current = active_names(model)
+    # New modules start in training mode; a model in eval mode must stay there (else adapter
+    # dropout, and MultiheadAttention's own attention dropout, would run at inference).
     for item in plan:
         if item.is_new:
+            item.wrapper.train(item.wrapper.base_layer.training)
             setattr(item.parent, item.attr, item.wrapper)
+        item.adapter.train(item.wrapper.training)
         item.wrapper.attach(adapter, item.adapter)
     for _name, parent, attr, wrapper, is_new, *loaded in saved:
         if is_new:
+            wrapper.train(wrapper.original_module.training)
             setattr(parent, attr, wrapper)
         wrapper.add_copy(adapter, loaded[0] if loaded else None)
     for p in base_parameters(model):

@@ -255,3 +255,30 @@ def test_delete_last_adapter_leaves_none_active():
     lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False))
     lorafit.delete_adapter(model, "default")
     assert lorafit.active_adapters(model) == [] and lorafit.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_inject_and_load_keep_the_models_train_or_eval_mode(tmp_path, mode):
+    """New wrappers, adapters and saved copies follow the model's mode: an eval model must not run
+    adapter dropout (or MultiheadAttention's attention dropout) at inference after an inject."""
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, dropout=0.5), nn.Linear(8, 3))
+        return model.eval() if mode == "eval" else model.train()
+
+    model = fresh()
+    cfg = dict(r=2, target_modules=["0", "1"], lora_dropout=0.5, init=False, modules_to_save=["2"])
+    lorafit.inject(model, lorafit.LoraConfig(**cfg))
+    lorafit.inject(model, lorafit.LoraConfig(**cfg), adapter="b")  # attach to existing wrappers
+    lorafit.save_adapter(model, tmp_path / "a")
+    other = fresh()
+    lorafit.load_adapter(other, tmp_path / "a")
+    for m in (model, other):
+        modes = {n: mod.training for n, mod in m.named_modules()}
+        assert set(modes.values()) == {mode == "train"}, modes
+    if mode == "eval":
+        x = torch.randn(5, 8)
+        with torch.no_grad():
+            first = model[0](x)
+            attn = model[1](x, x, x)[0]
+            assert torch.equal(first, model[0](x)) and torch.equal(attn, model[1](x, x, x)[0])
