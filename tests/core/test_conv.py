@@ -7,15 +7,7 @@ import torch
 import torch.nn as nn
 
 import lorafit
-
-
-class One(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
+from helpers import Wrap
 
 
 def dense_delta(adapter, groups, weight_shape):
@@ -47,7 +39,7 @@ def _input(conv):
 
 @pytest.mark.parametrize("case", list(CONVS))
 def test_conv_matches_dense_and_merges_exactly(case):
-    base = One(CONVS[case]()).eval()
+    base = Wrap(CONVS[case]()).eval()
     r = 6 if base.layer.groups == 3 else 4
     model = lorafit.inject(copy.deepcopy(base), lorafit.LoraConfig(r=r, alpha=8, target_modules=["layer"], init=False))
     x = _input(base.layer)
@@ -72,7 +64,7 @@ def test_conv_matches_dense_and_merges_exactly(case):
 
 def test_peft_form_on_grouped_conv_cannot_merge(tmp_path):
     from helpers import peft_save
-    base = One(nn.Conv2d(4, 6, 3, groups=2, padding=1)).eval()
+    base = Wrap(nn.Conv2d(4, 6, 3, groups=2, padding=1)).eval()
     peft_save(base, tmp_path, r=4, lora_alpha=8, target_modules=["layer"])
     model = lorafit.load_adapter(copy.deepcopy(base), tmp_path)
     assert model.layer.adapters["default"].a_groups == 1
@@ -102,16 +94,16 @@ def test_depthwise_skipped_and_rank_must_divide_groups(caplog):
 
 
 def test_grouped_form_warns_on_save(tmp_path):
-    base = One(nn.Conv2d(4, 6, 3, groups=2))
+    base = Wrap(nn.Conv2d(4, 6, 3, groups=2))
     model = lorafit.inject(base, lorafit.LoraConfig(r=4, target_modules=["layer"]))
     with pytest.warns(UserWarning, match="PEFT cannot"):
         lorafit.save_adapter(model, tmp_path)
-    again = lorafit.load_adapter(One(copy.deepcopy(model.layer.base_layer)), tmp_path)
+    again = lorafit.load_adapter(Wrap(copy.deepcopy(model.layer.base_layer)), tmp_path)
     assert again.layer.adapters["default"].a_groups == 2
 
 
 def test_conv_gradients_flow_to_adapter_only():
-    model = lorafit.inject(One(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")),
+    model = lorafit.inject(Wrap(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")),
                            lorafit.LoraConfig(r=2, target_modules=["layer"]))
     model(torch.randn(2, 3, 6, 6)).pow(2).sum().backward()
     ad = model.layer.adapters["default"]

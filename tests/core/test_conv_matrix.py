@@ -21,6 +21,7 @@ from lora_reference import (ROUNDINGS, abs_conv, assert_within, conv_with, dora_
                             unit_roundoff)
 
 import lorafit
+from helpers import Wrap
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -30,15 +31,6 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: 11, 2: 7, 3: 5}  # input extent per spatial dim: > padding (reflect needs it), small for 3d
 
 
-class One(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
 def _base(nd, mode, dilation, stride, groups):
     """in 4, out 6, kernel 3; padding = dilation on the first dim and 1 on the others, so for
     dilation 2 it is asymmetric across dims (a mixed-up padding order shows)."""
@@ -46,7 +38,7 @@ def _base(nd, mode, dilation, stride, groups):
     torch.manual_seed(nd * 100 + dilation * 10 + stride + groups)
     conv = CONV[nd](4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
                     padding_mode=mode)
-    return One(conv).eval()
+    return Wrap(conv).eval()
 
 
 def _dense(model, base, x, dora):

@@ -21,20 +21,12 @@ from lora_reference import (GEMMS, ROUNDINGS, OpCounter, abs_conv, assert_within
                             one_thread, unit_roundoff)
 
 import lorafit
+from helpers import Wrap
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 # (rank, alpha, rslora): scalings 1.5, 8.0 (rsLoRA: 16 / sqrt(4)) and 5/6 - all different, none 1
 ADAPTERS = [(2, 3, False), (4, 16, True), (6, 5, False)]
-
-
-class One(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _with_adapters(base: nn.Module, n: int) -> nn.Module:
@@ -59,7 +51,7 @@ def test_scalings_differ():
 @pytest.mark.parametrize("n", [2, 3])
 def test_linear_several_adapters_match_dense_reference(n):
     torch.manual_seed(0)
-    base = One(nn.Linear(16, 12))
+    base = Wrap(nn.Linear(16, 12))
     model = _with_adapters(base, n)
     layer = model.layer
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -102,7 +94,7 @@ def _count(model, x, names):
 
 def test_linear_several_adapters_are_one_gemm_pair():
     torch.manual_seed(0)
-    base = One(nn.Linear(16, 10))  # out (10) differs from every total rank (2, 6, 12)
+    base = Wrap(nn.Linear(16, 10))  # out (10) differs from every total rank (2, 6, 12)
     counts = {}
     for n in (1, 2, 3):
         model = _with_adapters(base, n).train()
@@ -123,7 +115,7 @@ CONV_OPS = ("convolution", "convolution_backward")
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 def test_conv_several_adapters_are_one_conv_pair(mode):
     torch.manual_seed(0)
-    base = One(nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode))
+    base = Wrap(nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode))
     counts = {}
     for n in (1, 2, 3):
         model = _with_adapters(base, n).train()
@@ -146,7 +138,7 @@ CONVS = {
 def test_conv_several_adapters_match_dense_reference(case, n):
     """sum_i s_i conv(B_i, conv(A_i, x)) = the base conv with W + sum_i s_i B_i A_i; merged too."""
     torch.manual_seed(0)
-    base = One(CONVS[case]()).eval()
+    base = Wrap(CONVS[case]()).eval()
     model = _with_adapters(base, n).eval()
     conv = base.layer
     x = torch.randn(2, 4, *([7] * (conv.weight.dim() - 2)))
