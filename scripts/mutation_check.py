@@ -151,6 +151,8 @@ MUTANTS = [
       "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype)).view(", BATCH),
     m("set_adapter_first_only", "src/lorafit/adapters.py", "layer.set_active(names)", "layer.set_active(names[:1])",
       BATCH + ["tests/core"]),
+    m("inject_leaves_train_mode", "src/lorafit/inject.py",
+      "            item.wrapper.train(item.wrapper.base_layer.training)\n", "", ["tests/core/test_adapters.py"]),
     # tensors saved for backward
     m("saved_extra_copy_of_x", F, "save_x = x if (weight.requires_grad and not ctx.same_input) else None",
       "save_x = x.detach().clone()", SAVED),
