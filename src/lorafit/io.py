@@ -25,16 +25,8 @@ import torch.nn as nn
 from . import __version__
 from .adapters import adapter_names
 from .config import LoraConfig
-from .inject import (
-    base_named_parameters,
-    check_adapter_name,
-    commit,
-    lora_layers,
-    plan_injection,
-    plan_saved,
-    saved_modules,
-    walk,
-)
+from .inject import (base_named_parameters, check_adapter_name, commit, lora_layers, plan_injection, plan_saved,
+                     saved_modules, walk)
 from .layers import LoraLayer, wrapper_for
 
 PREFIX = "base_model.model."
