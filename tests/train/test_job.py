@@ -61,6 +61,9 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_bert, cls_data, tmp_path
     assert resumed["eval_accuracy"] == ref["eval_accuracy"] and resumed["steps"] == ref["steps"] == 24
     out = capsys.readouterr().out
     assert "resuming" in out and "at step 7" in out
+    # the resumed summary says its training time spans both parts (it can exceed this process's wall time)
+    assert re.search(r"^wall time: \S+ \(this process; training, all parts: \S+, 24 steps\)", out, re.M), out
+    assert len(re.findall(r"^wall time: \S+ \(training \S+, 24 steps\)", out, re.M)) == 1  # the reference run
 
 
 def test_real_sigterm_in_a_subprocess_then_resume(tiny_bert, cls_data, tmp_path):

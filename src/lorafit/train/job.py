@@ -376,7 +376,9 @@ def finish(
     say(f"peak memory: {fmt_bytes(peak)} ({peak_kind})")
     say(
         f"wall time: {fmt_duration(metrics['wall_time_s'])} "
-        f"(training {fmt_duration(result['train_time_s'])}, "
+        # a resumed run's training time counts every part of the run, its wall time this process only
+        f"({'this process; training, all parts: ' if result.get('resumed') else 'training '}"
+        f"{fmt_duration(result['train_time_s'])}, "
         f"{result['steps']} steps)"
     )
     say(f"run directory: {run_dir}")

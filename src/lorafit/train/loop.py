@@ -314,6 +314,7 @@ class Trainer:
             "best": self.best,
             "train_time_s": self.train_time,
             "steps": self.step,
+            "resumed": resume is not None,
             "records": log.records,
         }
 
