@@ -289,3 +289,18 @@ def test_info_merge_and_eval(env, tmp_path, capsys):
     assert m["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)  # merged weights: same function
     assert main(["eval", "--adapter", str(tmp_path), "--eval", str(env / "eval.csv")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+    # a truncated weights file: eval and merge name it in one line, exit 2, and merge writes nothing
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", "--adapter", str(broken), "--eval", str(env / "eval.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights}: not a valid safetensors file" in err, err
+    assert main(["merge", "--adapter", str(broken), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights}: not a valid safetensors file" in err, err
+    assert not (tmp_path / "m2").exists()
