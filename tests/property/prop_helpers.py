@@ -20,7 +20,11 @@ a bound wide enough to hide a wrong scaling or a dropped adapter cannot pass sil
 
 from __future__ import annotations
 
+import copy
 import math
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,6 +32,7 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 import lorafit
+from helpers import Wrap  # noqa: F401 - the property tests import it from here
 
 # derandomize: CI runs the same examples every time; database=None: nothing is written to disk
 PROP = settings(max_examples=25, deadline=None, derandomize=True, database=None, print_blob=False,
@@ -114,15 +119,21 @@ def scaling_of(spec: dict) -> float:
     return spec["alpha"] / (math.sqrt(spec["r"]) if spec["use_rslora"] else spec["r"])
 
 
-class Wrap(nn.Module):
-    """A single layer as the named child ``layer`` (what both lorafit and PEFT target)."""
+def reload_into_copy(model: nn.Module, base: nn.Module, names: list[str], active) -> nn.Module:
+    """Save each adapter of ``model`` and load them all into a deep copy of ``base``.
 
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
+    The copy gets the same active adapters (``names[i]`` for ``i`` in ``active``) and is returned
+    in eval mode, ready to be compared with ``model`` output for output.
+    """
+    fresh = copy.deepcopy(base)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # grouped convs: "PEFT cannot load" is expected here
+        for name in names:
+            lorafit.save_adapter(model, Path(d) / name, adapter=name)
+        for name in names:
+            lorafit.load_adapter(fresh, Path(d) / name, adapter=name)
+    lorafit.set_adapter(fresh, [names[i] for i in active])
+    return fresh.eval()
 
 
 def add_adapters(model: nn.Module, specs, active, gen: torch.Generator, **extra) -> list[str]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_helpers import (DTYPES, PROP, PROP_EACH, PROP_PEFT, Wrap, adapter_specs, add_adapters, assert_sensitive,
-                          assert_within, bound, dtype_id, randomize_, scaling_of, unit)
+                          assert_within, bound, dtype_id, randomize_, reload_into_copy, scaling_of, unit)
 
 import lorafit
 
@@ -175,15 +175,7 @@ def test_conv_save_load_round_trip(case):
     base, x, specs, active, dtype, gen = case
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
-    fresh = copy.deepcopy(base)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # grouped convs: "PEFT cannot load" is expected here
-        for name in names:
-            lorafit.save_adapter(model, Path(d) / name, adapter=name)
-        for name in names:
-            lorafit.load_adapter(fresh, Path(d) / name, adapter=name)
-    lorafit.set_adapter(fresh, [names[i] for i in active])
-    fresh.eval()
+    fresh = reload_into_copy(model, base, names, active)
     for name in names:
         a, b = model.layer.adapters[name], fresh.layer.adapters[name]
         assert a.a_groups == b.a_groups and a.scaling == b.scaling
