@@ -6,7 +6,7 @@ The attribute is a :class:`lorafit.train.commands.Command` (``description``, ``e
 so ``lorafit info`` does not pay for transformers and a command needing an optional extra
 fails alone. Adding a subcommand is one line here.
 
-Errors: anything raised as :class:`lorafit.train.errors.LorafitError` (bad input, bad flag
+Errors: anything raised as :class:`lorafit.common.errors.LorafitError` (bad input, bad flag
 value) prints ``lorafit: error: <one line>`` and exits with its ``exit_code`` (2 for usage and
 input errors), never a traceback. Argparse's own errors are turned into the same single line.
 """
@@ -19,7 +19,7 @@ import os
 import sys
 import textwrap
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorafit.train.commands:TRAIN", "fine-tune a LoRA adapter (no arguments: the embedded demo)"),

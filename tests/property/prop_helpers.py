@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 import lorafit
-from helpers import Wrap  # noqa: F401 - the property tests import it from here
+from tests.helpers import Wrap  # noqa: F401 - the property tests import it from here
 
 # derandomize: CI runs the same examples every time; database=None: nothing is written to disk
 PROP = settings(max_examples=25, deadline=None, derandomize=True, database=None, print_blob=False,

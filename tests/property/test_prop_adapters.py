@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_sensitive, assert_within,
-                          bound, dtype_id, randomize_, scaling_of)
-from test_prop_conv import conv_cases, conv_reference
-from test_prop_linear import linear_cases, linear_reference, weight_of
+from tests.property.prop_helpers import (
+    DTYPES, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_sensitive, assert_within, bound, dtype_id,
+    randomize_, scaling_of,
+)
+from tests.property.test_prop_conv import conv_cases, conv_reference
+from tests.property.test_prop_linear import linear_cases, linear_reference, weight_of
 
 import lorafit
 

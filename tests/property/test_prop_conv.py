@@ -18,8 +18,10 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP, PROP_EACH, PROP_PEFT, Wrap, adapter_specs, add_adapters, assert_sensitive,
-                          assert_within, bound, dtype_id, randomize_, reload_into_copy, scaling_of, unit)
+from tests.property.prop_helpers import (
+    DTYPES, PROP, PROP_EACH, PROP_PEFT, Wrap, adapter_specs, add_adapters, assert_sensitive, assert_within, bound,
+    dtype_id, randomize_, reload_into_copy, scaling_of, unit,
+)
 
 import lorafit
 

@@ -20,9 +20,11 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import (DTYPES, PROP_EACH, ROUNDINGS, Wrap, adapter_specs, add_adapters, assert_sensitive,
-                          assert_within, bound, dtype_id, randomize_, scaling_of, unit)
-from test_prop_conv import CONV, group_delta
+from tests.property.prop_helpers import (
+    DTYPES, PROP_EACH, ROUNDINGS, Wrap, adapter_specs, add_adapters, assert_sensitive, assert_within, bound,
+    dtype_id, randomize_, scaling_of, unit,
+)
+from tests.property.test_prop_conv import CONV, group_delta
 
 import lorafit
 

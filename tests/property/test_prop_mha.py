@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from prop_helpers import PROP, adapter_specs, randomize_, scaling_of, unit
+from tests.property.prop_helpers import PROP, adapter_specs, randomize_, scaling_of, unit
 
 import lorafit
 

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import PROP, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_within, bound, scaling_of, unit
+from tests.property.prop_helpers import (
+    PROP, PROP_EACH, Wrap, add_adapters, adapter_specs, assert_within, bound, scaling_of, unit,
+)
 
 import lorafit
 from lorafit.quant import Int8Linear, NF4Linear

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from prop_helpers import PROP_EACH, add_adapters, dtype_id
-from test_prop_linear import BASES, linear_cases, weight_of
+from tests.property.prop_helpers import PROP_EACH, add_adapters, dtype_id
+from tests.property.test_prop_linear import BASES, linear_cases, weight_of
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from quant_models import make_llama
+from tests.quant.quant_models import make_llama
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from quant_models import make_llama
+from tests.quant.quant_models import make_llama
 from torch import nn
 
 from lorafit.quant import Int8Linear, NF4Linear, quantize, quantized_modules, weight_bytes

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from quant_models import make_llama, tiny_llama_config
+from tests.quant.quant_models import make_llama, tiny_llama_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nf4_reference import (NF4_TABLE, double_quant_scales_ref, int8_dequantize_ref, nf4_dequantize_ref,
+from tests.quant.nf4_reference import (NF4_TABLE, double_quant_scales_ref, int8_dequantize_ref, nf4_dequantize_ref,
                            nf4_levels_from_normal_quantiles, nf4_quantize_ref, nf4_unpack_ref)
 
 from lorafit.quant import Int8Linear, NF4Linear

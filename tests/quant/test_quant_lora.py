@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import Wrap
-from nf4_reference import NF4_TABLE, double_quant_scales_ref, nf4_dequantize_ref, nf4_unpack_ref
-from quant_models import make_llama
+from tests.helpers import Wrap
+from tests.quant.nf4_reference import NF4_TABLE, double_quant_scales_ref, nf4_dequantize_ref, nf4_unpack_ref
+from tests.quant.quant_models import make_llama
 from torch import nn
 
 import lorafit

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ CHECK = textwrap.dedent(
     import sys, torch
     from lorafit.quant import formats
     from lorafit.quant.triton_nf4 import nf4_dequantize_triton
-    from nf4_reference import nf4_dequantize_ref, nf4_unpack_ref
+    from tests.quant.nf4_reference import nf4_dequantize_ref, nf4_unpack_ref
     dev = sys.argv[1]
     torch.manual_seed(0)
     for shape, block, dq in CASES:
@@ -74,7 +76,7 @@ def test_triton_kernel_matches_torch_path():
         dev, env = "cuda", dict(os.environ)
     else:
         dev, env = "cpu", {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), *sys.path])  # nf4_reference
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])  # tests.quant
     code = f"CASES = {CASES!r}\n" + CHECK
     r = subprocess.run([sys.executable, "-c", code, dev], check=False, env=env, capture_output=True, text=True,
                        timeout=300)

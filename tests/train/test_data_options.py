@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from lorafit.optim import is_lora_b, param_groups
 from lorafit.train.data import read_table, take_samples
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.options import OPTIONS, coerce, load_yaml, parse_targets, resolve
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.train.job import run_train
-from train_helpers import subprocess_env
+from tests.train.train_helpers import subprocess_env
 
 
 def test_two_gloo_processes_equal_one_process_accumulating(tiny_bert, cls_data, tmp_path):

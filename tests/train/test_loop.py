@@ -13,7 +13,7 @@ import torch.nn as nn
 import lorafit
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import Interrupted, TrainingDiverged
+from lorafit.common.errors import Interrupted, TrainingDiverged
 from lorafit.train.loop import Trainer, lr_lambda, split_batch
 from lorafit.train.options import OPTIONS, resolve
 

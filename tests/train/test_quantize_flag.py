@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_job import flags
+from tests.jobs.test_job import flags
 
 from lorafit.cli import main
 from lorafit.train.job import run_train

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny, peft_load, same_state, state
+from tests.helpers import Tiny, peft_load, same_state, state
 
 import lorafit
 from lorafit.inject import lora_layers

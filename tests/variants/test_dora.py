@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Wrap, peft_load, tiny_gpt2
+from tests.helpers import Wrap, peft_load, tiny_gpt2
 
 import lorafit
 from lorafit.variants import dora_norm

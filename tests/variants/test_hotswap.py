@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from helpers import same_state, state
+from tests.helpers import same_state, state
 
 import lorafit
 

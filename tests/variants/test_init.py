@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from helpers import peft_load, same_state, state, tiny_gpt2
+from tests.helpers import peft_load, same_state, state, tiny_gpt2
 
 import lorafit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import importlib.util
 
 import pytest
-from vision_helpers import IMGSZ, VISION_MODULES, detect_opts
+from tests.vision.vision_helpers import IMGSZ, VISION_MODULES, detect_opts
 
 HAVE_VISION = all(importlib.util.find_spec(m) is not None for m in VISION_MODULES)
 collect_ignore_glob = [] if HAVE_VISION else ["test_[a-z]*.py"]

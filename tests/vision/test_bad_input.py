@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lorafit.datasets.yolo_format import check_detect_data
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import torch
 
 from lorafit.cli import main
 from lorafit.layers import LoraLayer
-from vision_helpers import eval_logits, record_eval_logits
+from tests.vision.vision_helpers import eval_logits, record_eval_logits
 
 
 def one_line_error(capsys, argv) -> str:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.train.errors import Interrupted, LorafitError
-from vision_helpers import detect_opts, subprocess_env
+from lorafit.common.errors import Interrupted, LorafitError
+from tests.vision.vision_helpers import detect_opts, subprocess_env
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,7 +10,7 @@ import lorafit
 from lorafit.integrations.ultralytics import configure_offline, load_detector, load_detector_adapter
 from lorafit.layers import ConvLora
 
-from vision_helpers import IMGSZ, detect_opts
+from tests.vision.vision_helpers import IMGSZ, detect_opts
 
 
 def test_adaptation_raises_map_on_new_domain(adapted):
@@ -141,7 +141,7 @@ def test_overwrite_takes_every_entry_of_a_real_detect_run(adapted, tmp_path):
     import pytest
 
     from lorafit.train import rundir
-    from lorafit.train.errors import LorafitError
+    from lorafit.common.errors import LorafitError
 
     old = tmp_path / "old"
     shutil.copytree(adapted["run"], old)

@@ -8,7 +8,7 @@ import torch
 
 from lorafit.export.api import export_model
 from lorafit.export.formats import ExportParityError, check_parity, op_histogram
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 
 def test_detect_onnx_parity_int8_and_sizes(adapted, base_pt, shapes, tmp_path):
@@ -52,7 +52,7 @@ def test_parity_failure_is_loud(adapted, base_pt, tmp_path):
 def test_classifier_export_onnx_int8(tmp_path):
     """A timm ViT adapter from `lorafit train`, exported: parity, same ops as the base, dynamic int8."""
     from lorafit.datasets.shapes import make_shapes_classification
-    from test_image_classification import run_job
+    from tests.vision.test_image_classification import run_job
 
     folder = make_shapes_classification(tmp_path / "cls", n_per_class=4, imgsz=32)
     run_job(tmp_path, folder, "timm:vit_tiny_patch16_224")
@@ -77,7 +77,7 @@ def test_adapter_for_another_architecture(adapted, tmp_path):
 
 def test_export_cli_exit_codes(adapted, base_pt, tmp_path, capsys):
     from lorafit.export.cli import EXPORT
-    from lorafit.train.errors import LorafitError as LE
+    from lorafit.common.errors import LorafitError as LE
 
     import argparse
 

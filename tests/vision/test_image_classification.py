@@ -12,8 +12,8 @@ import torch.nn as nn
 import lorafit
 from lorafit.layers import ConvLora, MhaLora
 from lorafit.tasks.image_classification import classifier_name, create_model, preset_targets, scan_image_folder
-from lorafit.train.errors import LorafitError
-from vision_helpers import eval_logits, record_eval_logits
+from lorafit.common.errors import LorafitError
+from tests.vision.vision_helpers import eval_logits, record_eval_logits
 
 
 @pytest.fixture(scope="module")

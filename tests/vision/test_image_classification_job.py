@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.train.errors import Interrupted
+from lorafit.common.errors import Interrupted
 from lorafit.train.job import run_train
-from vision_helpers import subprocess_env
+from tests.vision.vision_helpers import subprocess_env
 
 
 

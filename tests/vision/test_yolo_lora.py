@@ -19,7 +19,7 @@ from lorafit.integrations.ultralytics import (
     resolve_targets,
 )
 from lorafit.layers import ConvLora
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 
 def raw(out) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Ultralytics is lenient where a user is better served by a stop: an image with no label file is
 silently a "background" image, a class id past ``nc`` is dropped with a warning, a missing split
 turns into an exception deep in the trainer. Here each problem is one line naming the file (and
-line) that is wrong, raised as :class:`~lorafit.train.errors.LorafitError` (exit code 2). An
+line) that is wrong, raised as :class:`~lorafit.common.errors.LorafitError` (exit code 2). An
 *empty* label file is accepted: that is how YOLO marks a deliberate background image.
 
 Paths resolve as in Ultralytics, except that a relative ``path`` is taken relative to the yaml's
@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 

@@ -31,7 +31,7 @@ from lorafit.export.formats import (
     to_torchscript,
 )
 from lorafit.export.loaders import load_pair
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 
 def interleaved_ms(runners: dict, x, warmup: int = 3, runs: int = 20) -> dict[str, float]:

@@ -39,7 +39,7 @@ class ExportCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from lorafit.export.api import export_model, format_report
-        from lorafit.train.errors import LorafitError
+        from lorafit.common.errors import LorafitError
 
         if args.imgsz is not None and args.imgsz < 32:
             raise LorafitError(f"--imgsz: must be >= 32, got {args.imgsz}")
@@ -54,7 +54,7 @@ class ExportCommand:
                               data=args.data, runs=args.runs)
         print(format_report(report))
         if args.json:
-            from lorafit.train.checkpoint import write_json
+            from lorafit.common.files import write_json
 
             write_json(args.json, json.loads(json.dumps(report, default=str)))
         return 0

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 OPSET = 17
 

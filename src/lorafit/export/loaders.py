@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lorafit.train.checkpoint import read_json
-from lorafit.train.errors import LorafitError
+from lorafit.common.files import read_json
+from lorafit.common.errors import LorafitError
 
 
 class FirstOutput(nn.Module):

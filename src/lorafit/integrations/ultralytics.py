@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 PRESETS = ("all", "backbone", "neck", "head")
 DETECT_META = "lorafit_detect.json"

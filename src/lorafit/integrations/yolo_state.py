@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from lorafit.train.checkpoint import rng_state, set_rng_state
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import Interrupted, LorafitError
+from lorafit.common.errors import Interrupted, LorafitError
 
 FORMAT = "lorafit-detect-1"
 
@@ -191,7 +191,7 @@ def read_results(path: Path, epochs_done: int) -> str | None:
 class StopOnSignals:
     """Ctrl-C / SIGTERM ask the trainer to stop after the current batch (a second one kills at once).
 
-    The run then ends with :class:`~lorafit.train.errors.Interrupted`; the checkpoint of the last
+    The run then ends with :class:`~lorafit.common.errors.Interrupted`; the checkpoint of the last
     finished epoch (``RUN/checkpoint.pt``) is what ``--resume`` continues from.
     """
 

@@ -54,7 +54,7 @@ from lorafit.integrations.ultralytics import (
 )
 from lorafit.integrations.yolo_state import EpochControl, JobControls, load_into, restore
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import LorafitError, TrainingDiverged
+from lorafit.common.errors import LorafitError, TrainingDiverged
 
 configure_offline()
 

@@ -27,7 +27,7 @@ friends inside functions), and define:
 - ``primary_metric: str`` and ``greater_is_better: bool``: the metric that picks ``best/``.
 - ``load_data() -> (train_rows, eval_rows)``: read and validate ``opts["train"]`` /
   ``opts["eval"]`` (``eval_rows`` may be ``[]``). Rows are whatever ``collate`` takes. Bad input
-  raises :class:`lorafit.train.errors.LorafitError` with a one-line message naming the
+  raises :class:`lorafit.common.errors.LorafitError` with a one-line message naming the
   file / line / column. ``--max-samples`` is applied here (``lorafit.train.data.take_samples``).
 - ``build_model() -> nn.Module``: the base model (plus any new head), fp32, on CPU. Must be
   deterministic under ``torch.manual_seed``.
@@ -125,7 +125,7 @@ class LabelFiles:
     def save_extras(self, directory) -> None:
         from pathlib import Path
 
-        from lorafit.train.checkpoint import write_json
+        from lorafit.common.files import write_json
 
         write_json(Path(directory) / self.labels_file, self.labels)
         write_json(Path(directory) / self.job_file, self.job_info())
@@ -134,7 +134,7 @@ class LabelFiles:
         import json
         from pathlib import Path
 
-        from lorafit.train.errors import LorafitError
+        from lorafit.common.errors import LorafitError
 
         path = Path(directory) / self.labels_file
         try:
@@ -151,7 +151,7 @@ def task_module(name: str) -> ModuleType:
     Raises:
         LorafitError: unknown task name, or its module cannot be imported (missing extra).
     """
-    from lorafit.train.errors import LorafitError
+    from lorafit.common.errors import LorafitError
 
     if name not in TASKS:
         raise LorafitError(f"--task: invalid value {name!r} (choose from {', '.join(TASKS)})")
@@ -169,7 +169,7 @@ def resolve_model_path(name: str | None) -> str:
     """
     from pathlib import Path
 
-    from lorafit.train.errors import LorafitError
+    from lorafit.common.errors import LorafitError
 
     if name is None:
         raise LorafitError("--model is required for this task (a transformers model directory)")

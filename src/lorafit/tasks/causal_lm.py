@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from lorafit.tasks import TextModel, checkpoint_activations
 from lorafit.train.data import read_table, take_samples
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.options import Option
 
 DEFAULTS = {
@@ -291,7 +291,7 @@ class Task(TextModel):
         }
 
     def save_extras(self, directory: Path) -> None:
-        from lorafit.train.checkpoint import write_json
+        from lorafit.common.files import write_json
 
         write_json(Path(directory) / "lorafit_job.json", self.job_info())
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.tasks.detect_io import DetectReload, ultralytics_device_of
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.options import Option
 
 DEFAULTS = {"model": "yolov8n.yaml", "targets": "all", "batch_size": 16, "epochs": 10, "lr_lora": 1e-2,
@@ -159,7 +159,8 @@ class Task(DetectReload):
 
         from lorafit.datasets.yolo_format import write_normalised_yaml
         from lorafit.integrations.ultralytics import configure_offline
-        from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint, write_json, write_text
+        from lorafit.common.files import write_json, write_text
+        from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint
 
         opts = self.opts
         self.load_data()
@@ -280,7 +281,7 @@ class Task(DetectReload):
         holder["trainer"] = trainer
         dist.barrier()  # every rank's trainer unlinked results.csv (no Ultralytics resume) before it is restored
         if kept and dist.is_main:
-            from lorafit.train.checkpoint import write_text
+            from lorafit.common.files import write_text
 
             write_text(trainer.csv, kept)
         if log is not None:
@@ -294,7 +295,7 @@ class Task(DetectReload):
         return trainer
 
     def _save_output(self, trainer, directory: Path) -> None:
-        from lorafit.train.checkpoint import replace_dir, write_json
+        from lorafit.common.files import replace_dir, write_json
 
         def build(tmp: Path) -> None:
             if self.opts.get("full_finetune"):

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lorafit.train.checkpoint import read_json
-from lorafit.train.errors import LorafitError
+from lorafit.common.files import read_json
+from lorafit.common.errors import LorafitError
 
 JOB_FILE = "lorafit_job.json"
 
@@ -166,7 +166,7 @@ class DetectReload:
         """``model.pt`` (plain Ultralytics checkpoint, the dtype ``model`` has) + ``lorafit_job.json``."""
         import torch
 
-        from lorafit.train.checkpoint import write_json
+        from lorafit.common.files import write_json
 
         info = self.reload_info()
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lorafit.tasks import LabelFiles
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 DEFAULTS = {"model": "timm:vit_tiny_patch16_224", "targets": "auto", "batch_size": 32, "lr_lora": 2e-3,
             "lr_full": 1e-4, "imgsz": 224, "eval_batch_size": 64}

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lorafit.tasks import LabelFiles, TextModel, checkpoint_activations
 from lorafit.train.data import Table, read_table, take_samples
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 DEFAULTS = {
     "model": "minilm",

@@ -8,13 +8,13 @@ Programmatic use::
 or build the pieces yourself with :class:`Trainer` (see ``benchmarks/sst2.py``).
 """
 
-from lorafit.train.errors import Interrupted, LorafitError, TrainingDiverged
+from lorafit.common.errors import Interrupted, LorafitError, TrainingDiverged
 
 __all__ = ["Interrupted", "LorafitError", "Trainer", "TrainingDiverged", "run_train"]
 
 
 def __getattr__(name):
-    # the loop and the job import torch/transformers; keep `lorafit.train.errors` importable cheaply
+    # the loop and the job import torch/transformers; keep `lorafit.common.errors` importable cheaply
     if name == "Trainer":
         from lorafit.train.loop import Trainer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.options import add_arguments
 from lorafit.train.reload import eval_args, eval_run, job_info, merge_args, merge_run
 
@@ -100,7 +100,7 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
             file, or a tensor whose rank does not match the config.
     """
     from lorafit.io import read_safetensors_shapes
-    from lorafit.train.checkpoint import dir_bytes, read_json
+    from lorafit.common.files import dir_bytes, read_json
 
     d = Path(directory)
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"

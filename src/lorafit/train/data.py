@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 

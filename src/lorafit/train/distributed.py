@@ -104,7 +104,7 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from lorafit.train.errors import LorafitError
+        from lorafit.common.errors import LorafitError
 
         raise LorafitError("--device cuda: no CUDA device is available")
     return torch.device("cuda", local_rank)

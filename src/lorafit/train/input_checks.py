@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 
 # Options that only shape or train an adapter: --full-finetune would silently ignore them.

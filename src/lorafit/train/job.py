@@ -29,9 +29,10 @@ from collections.abc import Callable
 import torch
 
 from lorafit.tasks import TASKS, task_module
+from lorafit.common import files
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import distributed, options, rundir
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
 
 
@@ -289,7 +290,7 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
             saved = {k: v for k, v in opts.items() if k != "title"}
             import yaml
 
-            ckpt.write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+            files.write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
         what = (
             "full fine-tuning" if opts["full_finetune"] else f"LoRA r={opts['rank']} alpha={opts['alpha']:g}"
         )
@@ -328,7 +329,7 @@ def finish(
     final = {k: v for k, v in result["final"].items() if k != "step"}
     sample = None
     if dist.is_main:
-        ckpt.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
+        files.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
         if hasattr(task, "sample") and trainer.eval_rows:
             sample = task.sample(model, trainer.eval_rows, dist.device)
     dist.barrier()
@@ -356,7 +357,7 @@ def finish(
         metrics[f"best_{task.primary_metric}"] = result["best"][task.primary_metric]
     if not dist.is_main:
         return metrics
-    ckpt.write_json(run_dir / "metrics.json", metrics)
+    files.write_json(run_dir / "metrics.json", metrics)
     (run_dir / ckpt.CHECKPOINT).unlink(missing_ok=True)
     if result["before"]:
         say(f"before: {fmt_metrics(result['before'])}")

@@ -26,9 +26,10 @@ from collections.abc import Callable
 import torch
 
 from lorafit.optim import param_groups
+from lorafit.common import files
 from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
-from lorafit.train.errors import Interrupted, LorafitError, TrainingDiverged
+from lorafit.common.errors import Interrupted, LorafitError, TrainingDiverged
 from lorafit.train.progress import MetricsLog, Progress, plot_loss
 
 
@@ -337,7 +338,7 @@ class Trainer:
         if better:
             self.best = {"step": self.step, key: value}
             if self.run_dir is not None and self.save_model is not None:
-                ckpt.replace_dir(self.run_dir / "best", lambda d: self.save_model(self.model, d))
+                files.replace_dir(self.run_dir / "best", lambda d: self.save_model(self.model, d))
 
     def _interrupt(self, log: MetricsLog, progress: Progress) -> Interrupted:
         path = self.save_checkpoint()

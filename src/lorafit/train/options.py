@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.input_checks import refuse_adapter_options, yaml_error_line
 
 

@@ -124,7 +124,7 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step:
                     self.records.append(rec)
-        from lorafit.train.checkpoint import write_text
+        from lorafit.common.files import write_text
 
         write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
@@ -147,7 +147,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorafit.train.checkpoint import atomic_write
+    from lorafit.common.files import atomic_write
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval" and "eval_loss" in r]

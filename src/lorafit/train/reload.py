@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.options import Option, coerce
 
 # keys of lorafit_job.json that are options of the reloaded job (the rest is information)
@@ -34,7 +34,7 @@ def common_args(parser: argparse.ArgumentParser, adapter_required: bool) -> None
 
 def job_info(directory: Path | None) -> dict[str, Any]:
     """``DIR/lorafit_job.json`` as a dict ({} when absent)."""
-    from lorafit.train.checkpoint import read_json
+    from lorafit.common.files import read_json
 
     return {} if directory is None else read_json(Path(directory) / "lorafit_job.json")
 
@@ -149,7 +149,7 @@ def eval_run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from lorafit.train.checkpoint import write_json
+    from lorafit.common.files import write_json
     from lorafit.train.distributed import pick_device
     from lorafit.train.job import fmt_metrics
 
@@ -224,7 +224,7 @@ def merge_run(args: argparse.Namespace) -> int:
     import torch
 
     import lorafit
-    from lorafit.train.checkpoint import dir_bytes, replace_dir
+    from lorafit.common.files import dir_bytes, replace_dir
     from lorafit.train.progress import fmt_bytes
 
     module, opts, adapter = resolve_job(args, {"data": args.data})

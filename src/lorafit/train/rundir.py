@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 
 # Every name a run directory can hold (detect adds data.yaml, train_subset.txt and ultralytics/).
 RUN_ENTRIES = frozenset(

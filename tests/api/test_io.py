@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny, same_state, state, tiny_llama
+from tests.helpers import Tiny, same_state, state, tiny_llama
 
 import lorafit
 

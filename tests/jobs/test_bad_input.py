@@ -11,11 +11,11 @@ import json
 import pytest
 
 from lorafit.train.data import read_table, take_samples
-from lorafit.train.errors import LorafitError
+from lorafit.common.errors import LorafitError
 from lorafit.train.input_checks import position_limit
 from lorafit.train.job import all_options, prepare, task_defaults
 from lorafit.train.options import OPTIONS, coerce, load_yaml, resolve
-from train_helpers import write_csv, write_jsonl
+from tests.train.train_helpers import write_csv, write_jsonl
 
 
 def cls_task(tiny_bert, train, ev=None, **kw):

@@ -17,11 +17,12 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from lora_reference import (ROUNDINGS, abs_conv, assert_within, conv_with, dora_weight, grouped_delta, one_thread,
-                            unit_roundoff)
+from tests.api.lora_reference import (
+    ROUNDINGS, abs_conv, assert_within, conv_with, dora_weight, grouped_delta, one_thread, unit_roundoff,
+)
 
 import lorafit
-from helpers import Wrap
+from tests.helpers import Wrap
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.cli import main
-from lorafit.train.errors import Interrupted
+from lorafit.common.errors import Interrupted
 from lorafit.train.job import run_train
-from train_helpers import subprocess_env
+from tests.train.train_helpers import subprocess_env
 
 
 def flags(tiny_bert, cls_data, out, **kw):

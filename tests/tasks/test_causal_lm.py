@@ -11,7 +11,7 @@ from lorafit.cli import main
 from lorafit.tasks.causal_lm import IGNORE, Task, pack
 from lorafit.train.job import all_options, task_defaults
 from lorafit.train.options import resolve
-from train_helpers import write_jsonl
+from tests.train.train_helpers import write_jsonl
 
 CHAT = [
     {"role": "user", "content": "what is two plus two?"},

@@ -17,11 +17,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from lora_reference import (GEMMS, ROUNDINGS, OpCounter, abs_conv, assert_within, conv_with, grouped_delta,
+from tests.api.lora_reference import (GEMMS, ROUNDINGS, OpCounter, abs_conv, assert_within, conv_with, grouped_delta,
                             one_thread, unit_roundoff)
 
 import lorafit
-from helpers import Wrap
+from tests.helpers import Wrap
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

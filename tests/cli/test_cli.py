@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
-from train_helpers import make_tiny_bert, sentiment_rows, subprocess_env, write_csv  # noqa: E402
+from tests.train.train_helpers import make_tiny_bert, sentiment_rows, subprocess_env, write_csv
 
-from lorafit.cli import main  # noqa: E402
+from lorafit.cli import main
 
 CONTRACT_FLAGS = [
     "--model",

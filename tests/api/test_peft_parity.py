@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny, Wrap, peft_load, peft_save, tiny_gpt2
+from tests.helpers import Tiny, Wrap, peft_load, peft_save, tiny_gpt2
 
 import lorafit
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from lorafit.cli import main
+from lorafit.common import files
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import job, rundir
-from lorafit.train.errors import Interrupted, LorafitError
+from lorafit.common.errors import Interrupted, LorafitError
 from lorafit.train.job import run_train
 
 
@@ -325,10 +326,10 @@ def _swap_killed_before(final: Path, crash_at: int, use_exchange: bool) -> int:
 
                 return wrapped
 
-            ckpt.exchange = gate(ckpt.exchange) if use_exchange else (lambda a, b: False)
+            files.exchange = gate(files.exchange) if use_exchange else (lambda a, b: False)
             os.replace = gate(os.replace)
             shutil.rmtree = gate(shutil.rmtree)
-            ckpt.replace_dir(final, lambda d: _write(d, "new"))
+            files.replace_dir(final, lambda d: _write(d, "new"))
             code = 0
         finally:
             os._exit(code)
@@ -343,7 +344,7 @@ def test_a_complete_adapter_is_on_disk_at_every_instant_of_the_swap(tmp_path, us
         a.mkdir()
         b.mkdir()
         (a / "x").touch()
-        assert ckpt.exchange(a, b) and (b / "x").exists() and not (a / "x").exists()
+        assert files.exchange(a, b) and (b / "x").exists() and not (a / "x").exists()
     seen = []
     for crash_at in range(1, 10):
         run = tmp_path / f"run{crash_at}"

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny, same_state, state, tiny_llama
+from tests.helpers import Tiny, same_state, state, tiny_llama
 
 import lorafit
 

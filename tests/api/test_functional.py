@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lorafit
 from lorafit.functional import lora_add_, lora_linear
-from lora_reference import ROUNDINGS, assert_within, unit_roundoff
+from tests.api.lora_reference import ROUNDINGS, assert_within, unit_roundoff
 
 
 def reference(x, w, b, a, bb, s):

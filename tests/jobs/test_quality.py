@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorafit.cli import main
-from train_helpers import REPO, SST2
+from tests.train.train_helpers import REPO, SST2
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import lorafit
-from helpers import Wrap
+from tests.helpers import Wrap
 
 
 def dense_delta(adapter, groups, weight_shape):
@@ -63,7 +63,7 @@ def test_conv_matches_dense_and_merges_exactly(case):
 
 
 def test_peft_form_on_grouped_conv_cannot_merge(tmp_path):
-    from helpers import peft_save
+    from tests.helpers import peft_save
     base = Wrap(nn.Conv2d(4, 6, 3, groups=2, padding=1)).eval()
     peft_save(base, tmp_path, r=4, lora_alpha=8, target_modules=["layer"])
     model = lorafit.load_adapter(copy.deepcopy(base), tmp_path)

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from helpers import Tiny
+from tests.helpers import Tiny
 
 import lorafit
 from lorafit.cli import main
@@ -283,14 +283,17 @@ def test_save_into_a_file_path_writes_nothing(tmp_path, sub):
     assert target.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["taken"]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def test_stale_temp_files_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
     """A save killed (SIGKILL) mid-write leaves `.adapter_model.safetensors.XXXXXXXX.tmp`."""
     d = tmp_path / "ad"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {str(os.path.dirname(os.path.dirname(__file__)))!r})
+        sys.path.insert(0, {REPO!r})  # the repo root: tests is a package
         import safetensors.torch, lorafit
-        from helpers import Tiny
+        from tests.helpers import Tiny
         real = safetensors.torch.save_file
         def save_and_die(tensors, path, metadata=None):
             real(tensors, path, metadata=metadata)
