@@ -11,9 +11,9 @@ Quick start::
 Only torch and safetensors are imported here; everything else is imported lazily.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .adapters import (  # noqa: E402
+from .adapters import (
     active_adapters,
     adapter_batch,
     adapter_names,
@@ -22,12 +22,12 @@ from .adapters import (  # noqa: E402
     set_adapter,
     trainable_parameters,
 )
-from .config import LoraConfig  # noqa: E402
+from .config import LoraConfig
 # imported eagerly (torch only): the function `hotswap` must shadow the submodule of the same name
-from .hotswap import hotswap, prepare_hotswap  # noqa: E402
-from .inject import inject  # noqa: E402
-from .io import load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .merge import merge, merge_and_unload, merge_state_dict, unload, unmerge  # noqa: E402
+from .hotswap import hotswap, prepare_hotswap
+from .inject import inject
+from .io import load_adapter, read_adapter_config, save_adapter
+from .merge import merge, merge_and_unload, merge_state_dict, unload, unmerge
 
 __all__ = [
     "LoraConfig", "inject", "trainable_parameters", "set_adapter", "delete_adapter", "disabled", "adapter_batch",

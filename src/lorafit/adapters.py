@@ -8,21 +8,11 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .inject import check_adapter_name, lora_layers, saved_modules
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name present in the model, in insertion order."""
-    names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.adapters.keys()))
-    for _, mod in saved_modules(model):
-        names.update(dict.fromkeys(mod.modules_to_save.keys()))
-    return list(names)
+from .inject import check_adapter_name
+from .tree import activate, active_names, adapter_names, lora_layers, saved_modules
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    from .inject import active_names
     return list(active_names(model))
 
 
@@ -37,16 +27,7 @@ def set_adapter(model: nn.Module, name_or_names, _train_only_active: bool = True
         check_adapter_name(n)
         if n not in known:
             raise ValueError(f"unknown adapter {n!r}; the model has {known}")
-    for _, layer in lora_layers(model):
-        layer.set_active(names)
-        if _train_only_active:
-            for n, ad in layer.adapters.items():
-                ad.requires_grad_(n in names)
-    for _, mod in saved_modules(model):
-        mod.set_active(names)
-        if _train_only_active:
-            for n, copy in mod.modules_to_save.items():
-                copy.requires_grad_(n in names)
+    activate(model, names, train_only_active=_train_only_active)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

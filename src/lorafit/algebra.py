@@ -35,7 +35,8 @@ import re
 
 import torch
 
-from .inject import check_adapter_name, lora_layers, saved_modules
+from .inject import check_adapter_name
+from .tree import lora_layers, saved_modules
 from .layers import LoraAdapter
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")

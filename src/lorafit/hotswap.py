@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .functional import lora_add_, lora_linear
-from .inject import lora_layers
+from .tree import lora_layers
 from .layers import LoraAdapter
 
 

@@ -17,30 +17,10 @@ import torch.nn as nn
 from .config import LoraConfig
 from .layers import LoraAdapter, LoraLayer, ModulesToSave, is_linear_like, wrapper_for
 from .layers.linear import is_conv1d_transformers
+from .tree import activate, active_names, base_named_parameters, base_parameters, walk
 
 log = logging.getLogger("lorafit")
 OUTPUT_NAMES = ("lm_head", "classifier", "score", "head")
-
-
-def walk(model: nn.Module):
-    """Yield (name, module, parent, attr) in named_modules order, not descending into wrappers."""
-    def rec(name, mod, parent, attr):
-        yield name, mod, parent, attr
-        if isinstance(mod, (LoraLayer, ModulesToSave)):
-            return
-        for child_name, child in mod._modules.items():
-            if child is not None:
-                yield from rec(f"{name}.{child_name}" if name else child_name, child, mod, child_name)
-    yield from rec("", model, None, None)
-
-
-def lora_layers(model: nn.Module):
-    """(name, wrapper) for every LoRA wrapper in the model."""
-    return [(n, m) for n, m, _, _ in walk(model) if isinstance(m, LoraLayer)]
-
-
-def saved_modules(model: nn.Module):
-    return [(n, m) for n, m, _, _ in walk(model) if isinstance(m, ModulesToSave)]
 
 
 def output_layer_ids(model: nn.Module) -> set[int]:
@@ -200,16 +180,6 @@ def plan_saved(model: nn.Module, config: LoraConfig, adapter: str, lora_names=()
     return found
 
 
-def active_names(model: nn.Module) -> tuple[str, ...]:
-    for _, layer in lora_layers(model):
-        if layer.active:
-            return layer.active
-    for _, mod in saved_modules(model):
-        if mod.active:
-            return mod.active
-    return ()
-
-
 def commit(model: nn.Module, config: LoraConfig, adapter: str, plan: list[PlanItem], saved: list) -> None:
     """Apply a plan: swap wrappers in, attach adapters, freeze the base, set trainability."""
     current = active_names(model)
@@ -239,22 +209,7 @@ def commit(model: nn.Module, config: LoraConfig, adapter: str, plan: list[PlanIt
                 bias.requires_grad_(True)
     for item in plan:
         item.adapter.requires_grad_(True)
-    from .adapters import set_adapter  # local: adapters imports this module
-    set_adapter(model, current or (adapter,), _train_only_active=False)
-
-
-def base_named_parameters(model: nn.Module):
-    """Parameters that belong to the base model (not adapters, not saved copies)."""
-    skip = set()
-    for _, layer in lora_layers(model):
-        skip.update(id(p) for p in layer.adapters.parameters())
-    for _, mod in saved_modules(model):
-        skip.update(id(p) for p in mod.modules_to_save.parameters())
-    return [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
-
-
-def base_parameters(model: nn.Module):
-    return [p for _, p in base_named_parameters(model)]
+    activate(model, current or (adapter,), train_only_active=False)
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .adapters import adapter_names
+from ._version import __version__
 from .config import LoraConfig
-from .inject import (base_named_parameters, check_adapter_name, commit, lora_layers, plan_injection, plan_saved,
-                     saved_modules, walk)
+from .inject import check_adapter_name, commit, plan_injection, plan_saved
+from .tree import adapter_names, base_named_parameters, lora_layers, saved_modules, walk
 from .layers import LoraLayer, wrapper_for
 
 PREFIX = "base_model.model."

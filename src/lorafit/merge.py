@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .inject import lora_layers, walk
+from .tree import lora_layers, walk
 from .layers import LoraLayer, ModulesToSave
 
 

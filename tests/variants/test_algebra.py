@@ -8,7 +8,7 @@ import torch.nn as nn
 from tests.helpers import Tiny, peft_load, same_state, state
 
 import lorafit
-from lorafit.inject import lora_layers
+from lorafit.tree import lora_layers
 
 
 class Net(nn.Module):

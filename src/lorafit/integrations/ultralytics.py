@@ -189,7 +189,7 @@ class MergeBeforeFuse:
 
     def __call__(self, *args, **kwargs):
         import lorafit
-        from lorafit.inject import lora_layers, saved_modules
+        from lorafit.tree import lora_layers, saved_modules
 
         model = self.model
         if lora_layers(model) or saved_modules(model):

@@ -59,7 +59,7 @@ def save_detector_checkpoint(model, path, train_args: dict | None = None, extra:
 
     import torch
 
-    from lorafit.inject import lora_layers, saved_modules
+    from lorafit.tree import lora_layers, saved_modules
     from lorafit.integrations.ultralytics import configure_offline
 
     if lora_layers(model) or saved_modules(model) or "fuse" in model.__dict__:

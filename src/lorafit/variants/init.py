@@ -106,7 +106,7 @@ def convert_to_lora(model, adapter: str, tensors: dict, config):
     Raises:
         ValueError: an adapter without stored initial factors (not PiSSA/OLoRA) or with DoRA.
     """
-    from ..inject import lora_layers
+    from ..tree import lora_layers
 
     if config.use_dora:
         raise ValueError(f"adapter {adapter!r} uses DoRA: it cannot be written as a plain LoRA adapter")
