@@ -25,7 +25,7 @@ import statistics
 import torch
 
 import lorafit
-from lorafit.layers import LoraAdapter
+from lorafit.layers import EmbeddingLora
 
 VOCAB, SEQ, BATCH = 128, 32, 16
 
@@ -57,9 +57,9 @@ def build(seed, emb_adapter):
 
 
 def groups(model, lr, ratio, mode):
-    emb = {id(p) for m in model.modules() if isinstance(m, LoraAdapter) and m.kind == "embedding"
-           for p in (m.lora_A, m.lora_B)}
-    emb_a = {id(m.lora_A) for m in model.modules() if isinstance(m, LoraAdapter) and m.kind == "embedding"}
+    emb_ads = [ad for m in model.modules() if isinstance(m, EmbeddingLora) for ad in m.adapters.values()]
+    emb = {id(p) for ad in emb_ads for p in (ad.lora_A, ad.lora_B)}
+    emb_a = {id(ad.lora_A) for ad in emb_ads}
     out = {"default": [], "b": [], "emb": [], "emb_fast": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:

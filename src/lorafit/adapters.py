@@ -8,8 +8,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .inject import check_adapter_name
-from .tree import activate, active_names, adapter_names, lora_layers, saved_modules
+from .common.modules import count_parameters
+from .config import check_adapter_name
+from .tree import activate, active_names, adapter_names, lora_layers, model_state, saved_modules
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -51,8 +52,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, mod in saved_modules(model):
         if name in mod.modules_to_save:
             mod.detach(name)
-    configs = getattr(model, "_lorafit_configs", {})
-    configs.pop(name, None)
+    model_state(model).configs.pop(name, None)
     if name not in active:
         return
     remaining = [n for n in known if n != name]
@@ -67,13 +67,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of trainable parameters, total number of parameters)."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
+    """(number of trainable parameters, total number of parameters), as PEFT counts them
+    (the untouched originals of `modules_to_save` included)."""
+    return count_parameters(model, originals=True)
 
 
 @contextlib.contextmanager

@@ -35,25 +35,16 @@ import re
 
 import torch
 
-from .inject import check_adapter_name
-from .tree import lora_layers, saved_modules
+from .config import check_adapter_name
 from .layers import LoraAdapter
+from .tree import adapter_configs, lora_layers, model_state, saved_modules
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 
 
-def _parts(ad: LoraAdapter):
-    """The (sub)adapters of one layer: MHA has an out-proj update besides the in-proj one."""
-    return [ad, ad.out] if ad.kind == "mha_in" else [ad]
-
-
-def _groups(ad: LoraAdapter) -> int:
-    return getattr(ad, "groups", 1) if ad.kind == "conv" else 1
-
-
 def _split(ad: LoraAdapter):
     """(A [g, r/g, K], B [g, out/g, r/g]) fp32 views of one adapter, g = conv groups (else 1)."""
-    g = _groups(ad)
+    g = ad.groups
     a, b = ad.lora_A.detach().float(), ad.lora_B.detach().float()
     rg = a.shape[0] // g
     return a.reshape(g, rg, -1), b.reshape(g, b.shape[0] // g, rg)
@@ -133,7 +124,7 @@ def combine_part(parts, weights, method: str, density: float, rank: int | None, 
 
 
 def _check(model, names, weights, new_name, method, density, svd_rank):
-    configs = getattr(model, "_lorafit_configs", {})
+    configs = adapter_configs(model)
     if method not in METHODS:
         raise ValueError(f"combine_adapters: method must be one of {METHODS}, got {method!r}")
     if not names:
@@ -183,7 +174,7 @@ def combine_adapters(model, names, weights, new_name: str, method: str = "cat", 
             `modules_to_save`, ... - the model is unchanged then.
     """
     names, weights = _check(model, names, weights, new_name, method, density, svd_rank)
-    configs = model._lorafit_configs
+    configs = adapter_configs(model)
     gen = torch.Generator().manual_seed(int(seed))
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.adapters for a in names)]
     built = []
@@ -193,23 +184,23 @@ def combine_adapters(model, names, weights, new_name: str, method: str = "cat", 
             raise ValueError(f"combine_adapters: adapters {names} adapt different layers: {lname} has no "
                              f"{missing[0]!r}; combine adapters with the same targets")
         ads = [layer.adapters[a] for a in names]
-        if len({getattr(a, "a_groups", 1) for a in ads}) > 1:
+        if len({a.a_groups for a in ads}) > 1:
             raise ValueError(f"combine_adapters: {lname}: the adapters use different conv forms")
         ranks = [a.r for a in ads]
         if method == "linear" and len(set(ranks)) > 1:
             raise ValueError(f"combine_adapters: method 'linear' needs equal ranks, but {lname} has ranks "
                              f"{ranks}; use 'cat' (exact) or 'svd'")
-        g = _groups(ads[0])
+        g = ads[0].groups
         k = svd_rank if svd_rank is not None else max(ranks)
         if method not in ("cat", "linear") and k % g:
             raise ValueError(f"combine_adapters: {lname}: svd_rank {k} is not a multiple of the conv's "
                              f"groups={g}")
         combined = [combine_part(list(p), weights, method, density, k, gen)
-                    for p in zip(*[_parts(a) for a in ads])]
+                    for p in zip(*[a.parts() for a in ads])]
         rank = combined[0][0].shape[0] * combined[0][0].shape[1]
         new = layer.make_adapter(new_name, rank, float(rank), False, ads[0].dropout, a_groups=ads[0].a_groups)
         with torch.no_grad():
-            for part, (a, b) in zip(_parts(new), combined):
+            for part, (a, b) in zip(new.parts(), combined):
                 a, b = _join(a, b, part)
                 part.lora_A.copy_(a)
                 part.lora_B.copy_(b)
@@ -224,7 +215,7 @@ def combine_adapters(model, names, weights, new_name: str, method: str = "cat", 
     for mod, copy_ in saved:
         mod.add_copy(new_name, copy_)
         copy_.requires_grad_(False)
-    model._lorafit_configs = {**configs, new_name: _config(configs[names[0]], built, saved, model)}
+    model_state(model).configs[new_name] = _config(configs[names[0]], built, saved, model)
     return model
 
 

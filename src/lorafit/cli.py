@@ -1,7 +1,7 @@
 """The ``lorafit`` console script (also ``python -m lorafit`` and ``torchrun -m lorafit``).
 
 Subcommands are a registry: ``COMMANDS`` maps a name to ``("module:attribute", one-line help)``.
-The attribute is a :class:`lorafit.train.commands.Command` (``description``, ``epilog``,
+The attribute is a :class:`lorafit.jobs.commands.Command` (``description``, ``epilog``,
 ``add_arguments(parser)``, ``run(args) -> int``). Only the invoked command's module is imported,
 so ``lorafit info`` does not pay for transformers and a command needing an optional extra
 fails alone. Adding a subcommand is one line here.
@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import textwrap
+import time
 
+from lorafit._version import __version__
 from lorafit.common.errors import LorafitError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lorafit.train.commands:TRAIN", "fine-tune a LoRA adapter (no arguments: the embedded demo)"),
-    "eval": ("lorafit.train.commands:EVAL", "evaluate an adapter or a merged model on a data file"),
-    "merge": ("lorafit.train.commands:MERGE", "merge an adapter into its base model and save it"),
-    "info": ("lorafit.train.commands:INFO", "describe an adapter directory"),
+    "train": ("lorafit.jobs.commands:TRAIN", "fine-tune a LoRA adapter (no arguments: the embedded demo)"),
+    "eval": ("lorafit.jobs.commands:EVAL", "evaluate an adapter or a merged model on a data file"),
+    "merge": ("lorafit.jobs.commands:MERGE", "merge an adapter into its base model and save it"),
+    "info": ("lorafit.jobs.commands:INFO", "describe an adapter directory"),
     "export": ("lorafit.export.cli:EXPORT", "merge an adapter into a copy of its base and export ONNX / TorchScript"),
     "demo": ("lorafit.demo:DEMO", "offline end-to-end demos (`lorafit demo detect`: YOLO + LoRA + export)"),
 }
@@ -49,8 +52,6 @@ def _load_command(name: str):
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The top-level parser; only the subcommand named in ``argv`` gets its arguments."""
-    from lorafit import __version__
-
     parser = _Parser(
         prog="lorafit",
         description="LoRA fine-tuning: train, evaluate, merge and inspect adapters.",
@@ -108,9 +109,6 @@ def _leave_torchrun_worker(code: int) -> None:
     Rank 0 alone prints an error, and torchrun kills the other workers as soon as one fails, so a
     failing rank other than 0 waits a moment first: rank 0's one-line message must get out.
     """
-    import logging
-    import time
-
     if code != 0 and os.environ.get("RANK", "0") != "0":
         time.sleep(3.0)
     logging.shutdown()

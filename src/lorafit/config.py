@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any
+
+import torch.nn as nn
+
+from .common.matching import pattern_key
 
 INIT_VALUES = ("default", "gaussian", "pissa", "olora")  # also "pissa_niter_K" (K >= 0 power iterations)
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
@@ -43,19 +48,6 @@ _IGNORED_PEFT = {
     "megatron_core", "qalora_group_size", "ensure_weight_tying", "modules_to_tie", "init_lora_weights",
     "lora_dropout", "runtime_config",
 }
-
-
-def pattern_key(patterns: dict[str, Any] | None, name: str) -> str | None:
-    """PEFT's rule for rank/alpha patterns: key matches if `name` ends with it as a regex.
-
-    Args:
-        patterns: mapping pattern -> value (PEFT's `rank_pattern` / `alpha_pattern`).
-        name: full dotted module name, e.g. ``model.layers.0.self_attn.q_proj``.
-    """
-    for key in patterns or {}:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -227,3 +219,25 @@ def _freeze_targets(value, field: str):
             raise ValueError(f"LoraConfig.{field} must contain module names (str), got {value!r}")
         return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
     raise ValueError(f"LoraConfig.{field} must be a list of names, a regex string or None, got {value!r}")
+
+
+def check_adapter_name(name) -> str:
+    """Refuse an adapter name that would fail half-way through a commit or escape a directory.
+
+    The name becomes a key of ``nn.ModuleDict`` (which refuses "", "." and its own attribute
+    names such as "keys" or "training" with a KeyError - after earlier layers were already
+    wrapped) and, in `load_adapter`, a sub-directory name (so no separator, no "..", no drive).
+
+    Raises:
+        ValueError: one line naming the bad name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    bad = [c for c in (".", "/", "\\", os.sep, os.altsep or "/", "\0", ":") if c in name]
+    if bad:
+        raise ValueError(f"adapter name {name!r} contains {bad[0]!r}: it is used as a module key and a "
+                         "directory name, so it may not contain '.', '/', '\\' or ':'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is an attribute of nn.ModuleDict; choose another name")
+    return name
+

@@ -16,8 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
+
+from lorafit.common.files import write_text
+from lorafit.common.modules import count_parameters
+from lorafit.datasets.shapes import ShapesSpec, make_shapes_dataset
+from lorafit.export.api import export_model
+from lorafit.integrations.ultralytics import configure_offline, load_detector
+from lorafit.tasks.detect_io import evaluate_detector, rename_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +53,11 @@ class DemoConfig:
 
 def pretrain_base(cfg: DemoConfig, data_yaml: Path, out_dir: Path) -> Path:
     """Stock Ultralytics training of the base on domain A; returns best.pt (a plain YOLO checkpoint)."""
-    from lorafit.integrations.ultralytics import configure_offline
-
     configure_offline()
+    # lazy: optional extra lorafit[yolo], imported after configure_offline
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from lorafit.integrations.yolo_trainer import ultralytics_overrides
+    from lorafit.integrations.yolo_trainer import ultralytics_overrides  # lazy: imports ultralytics
 
     args = ultralytics_overrides(cfg.model, data_yaml, out_dir, imgsz=cfg.imgsz, epochs=cfg.epochs_base,
                                  batch=cfg.batch, seed=cfg.seed, weight_decay=5e-4, warmup_epochs=2.0, val=False)
@@ -61,12 +68,9 @@ def pretrain_base(cfg: DemoConfig, data_yaml: Path, out_dir: Path) -> Path:
 
 def run_detect_demo(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     """Run the whole demo under ``out``; returns every measured number (also in ``out/demo.json``)."""
-    from lorafit.datasets.shapes import ShapesSpec, make_shapes_dataset
-    from lorafit.integrations.ultralytics import configure_offline
-
     configure_offline()
+    # lazy: imports ultralytics (optional extra lorafit[yolo]), after configure_offline
     from lorafit.integrations.yolo_trainer import train_lora_detector, ultralytics_overrides
-    from lorafit.tasks.detect import evaluate_detector, rename_metrics
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
@@ -77,8 +81,6 @@ def run_detect_demo(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     base_pt = pretrain_base(cfg, data_a, out / "base")
     t_base = time.perf_counter() - t
     say(f"[2/4] base pretrained on A in {t_base:.0f}s -> {base_pt}")
-    from lorafit.integrations.ultralytics import load_detector
-
     base = load_detector(base_pt)
     before_a = evaluate_detector(base, data_a, cfg.imgsz)
     before_b = evaluate_detector(base, data_b, cfg.imgsz)
@@ -90,8 +92,8 @@ def run_detect_demo(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     after_b = rename_metrics(trainer.metrics)
     adapter = trainer.adapter_best
     say(f"[3/4] LoRA r={cfg.rank} adapted to B in {t_adapt:.0f}s -> {adapter}")
-    base_params = sum(p.numel() for p in base.parameters())
-    adapter_params = sum(p.numel() for n, p in trainer.ema.ema.named_parameters() if n in trainer._trainable)
+    base_params = count_parameters(base)[1]
+    adapter_params = count_parameters(trainer.ema.ema, trainable=lambda name, _p: name in trainer._trainable)[0]
     result = {
         "config": dataclasses.asdict(cfg), "base_checkpoint": str(base_pt), "adapter_dir": str(adapter),
         "base_on_A": before_a, "base_on_B": before_b, "adapted_on_B": after_b,
@@ -101,14 +103,12 @@ def run_detect_demo(cfg: DemoConfig, out: str | Path, say=print) -> dict:
         "pretrain_s": round(t_base, 1), "adapt_s": round(t_adapt, 1),
     }
     if cfg.export:
-        from lorafit.export.api import export_model
-
         rep = export_model(str(base_pt), adapter, out / "export" / "merged.onnx", int8=True, data=data_b,
                            imgsz=cfg.imgsz, runs=30)
         result["export"] = rep
         say(f"[4/4] exported merged ONNX + int8 (parity max |diff| {rep['parity']['max_abs_diff']:.2g})")
     result["total_s"] = round(time.perf_counter() - t0, 1)
-    (out / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out / "demo.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 
@@ -163,8 +163,6 @@ class DemoCommand:
         p.add_argument("--seed", type=int, default=0)
 
     def run(self, args: argparse.Namespace) -> int:
-        import os
-
         os.environ.setdefault("YOLO_VERBOSE", "false")  # keep the demo's output to its own table
         cfg = DemoConfig.small(seed=args.seed) if args.small else DemoConfig(seed=args.seed)
         out = args.out or f"runs/demo-detect-{time.strftime('%Y%m%d-%H%M%S')}"

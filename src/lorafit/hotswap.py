@@ -26,36 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .functional import lora_add_, lora_linear
-from .tree import lora_layers
+from .io import classify_file, read_adapter_config, read_adapter_tensors, resolve_dir
 from .layers import LoraAdapter
-
-
-class _TensorScaling:
-    """Linear forward for an adapter whose scaling is a 0-dim tensor (hot-swap ready)."""
-
-    name = "hot-swap"
-    exclusive = False
-    merge = unmerge = None  # the plain merge handles a tensor scaling
-
-    def forward(self, layer, ad: LoraAdapter, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        b = ad.lora_B * ad.scaling  # [out, r]: the scaling stays a tensor, so no guard on its value
-        plain = layer._plain()
-        if plain is not None and not args and not kwargs:
-            return lora_linear(x, plain[0], plain[1], ad.lora_A, b, 1.0, ad.dropout, layer.training)
-        y = layer.base_layer(x, *args, **kwargs)
-        return lora_add_(y, x, ad.lora_A, b, 1.0, ad.dropout, layer.training)
-
-
-TENSOR_SCALING = _TensorScaling()
-
-
-def _parts(ad: LoraAdapter):
-    return [ad, ad.out] if ad.kind == "mha_in" else [ad]
-
-
-def _groups(ad: LoraAdapter) -> int:
-    return getattr(ad, "groups", 1) if ad.kind == "conv" else 1
+from .tree import lora_layers, model_state
+from .variants import TENSOR_SCALING
 
 
 def _padded(a: torch.Tensor, b: torch.Tensor, ad: LoraAdapter, rank: int):
@@ -64,11 +38,7 @@ def _padded(a: torch.Tensor, b: torch.Tensor, ad: LoraAdapter, rank: int):
     Args:
         a, b: factors in the file's / adapter's layout with rank r <= rank.
     """
-    if ad.kind == "embedding":  # A [r, vocab], B [dim, r]
-        pa, pb = a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
-        pa[: a.shape[0]], pb[:, : b.shape[1]] = a, b
-        return pa, pb
-    g = _groups(ad)
+    g = ad.groups
     r = a.shape[0]
     ag = a.reshape(g, r // g, *a.shape[1:])
     bg = b.reshape(g, b.shape[0] // g, r // g, *b.shape[2:])
@@ -82,7 +52,7 @@ def _check_rank(name: str, ad: LoraAdapter, r: int, max_rank: int) -> None:
     if r > max_rank:
         raise ValueError(f"hotswap: {name} has rank {r} > max_rank={max_rank} that the model was prepared "
                          "for; prepare with a larger max_rank (before compiling)")
-    g = _groups(ad)
+    g = ad.groups
     if max_rank % g:
         raise ValueError(f"hotswap: {name} is a conv with groups={g}; max_rank={max_rank} must be a "
                          "multiple of it")
@@ -97,7 +67,8 @@ def prepare_hotswap(model: nn.Module, max_rank: int) -> nn.Module:
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise ValueError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
-    if getattr(model, "_lorafit_hotswap", None) is not None:
+    state = model_state(model)
+    if state.hotswap_rank is not None:
         raise ValueError("prepare_hotswap: the model is already prepared")
     todo = []
     for name, layer in lora_layers(model):
@@ -106,21 +77,22 @@ def prepare_hotswap(model: nn.Module, max_rank: int) -> nn.Module:
                 raise ValueError(f"prepare_hotswap: adapter {aname!r} on {name} is a {ad.variant.name} "
                                  "adapter; hot-swap supports plain LoRA adapters")
             _check_rank(name, ad, ad.r, max_rank)
-            todo.append(ad)
+            todo.append((layer, ad))
     if not todo:
         raise ValueError("prepare_hotswap: the model has no LoRA adapters")
-    for ad in todo:
-        for part in _parts(ad):
+    for layer, ad in todo:
+        for part in ad.parts():
             a, b = _padded(part.lora_A.detach(), part.lora_B.detach(), part, max_rank)
             part.lora_A = nn.Parameter(a, requires_grad=part.lora_A.requires_grad)
             part.lora_B = nn.Parameter(b, requires_grad=part.lora_B.requires_grad)
-            scaling = float(part.__dict__.pop("scaling"))
+            scaling = float(part.scaling)
+            del part.scaling  # a plain float attribute, replaced by a buffer of the same name
             part.register_buffer("scaling", torch.tensor(scaling, dtype=torch.float32, device=a.device),
                                  persistent=False)
             part.r = max_rank
-        if ad.kind == "linear":
+        if layer.scaling_in_op:  # its forward passes the scaling into the fused op as a float
             ad.variant = TENSOR_SCALING
-    model._lorafit_hotswap = {"max_rank": max_rank}
+    state.hotswap_rank = max_rank
     return model
 
 
@@ -134,21 +106,18 @@ def hotswap(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
             rank > max_rank, uses DoRA or carries non-LoRA tensors (modules_to_save, biases);
             nothing is written then.
     """
-    from .io import _classify, _resolve_dir, read_adapter_config, read_adapter_tensors
-
-    prepared = getattr(model, "_lorafit_hotswap", None)
-    if prepared is None:
+    max_rank = model_state(model).hotswap_rank
+    if max_rank is None:
         raise ValueError("hotswap: call lorafit.prepare_hotswap(model, max_rank) first (before compiling)")
-    max_rank = prepared["max_rank"]
     config = read_adapter_config(directory, adapter)
     tensors, _ = read_adapter_tensors(directory, adapter)
-    file = _resolve_dir(directory, adapter)
+    file = resolve_dir(directory, adapter)
     if config.use_dora:
         raise ValueError(f"hotswap: {file} is a DoRA adapter; hot-swap supports plain LoRA adapters")
     layers = {n: layer for n, layer in lora_layers(model) if adapter in layer.adapters}
     if not layers:
         raise ValueError(f"hotswap: the model has no adapter {adapter!r}")
-    lora, rest = _classify(tensors, layers, file)
+    lora, rest = classify_file(tensors, layers, file)
     if rest:
         raise ValueError(f"hotswap: {file} has non-LoRA tensors (e.g. {next(iter(rest))!r}: modules_to_save "
                          "or biases), which hot-swap does not replace")
@@ -159,15 +128,14 @@ def hotswap(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
     writes, alphas = [], []  # (destination tensor, new value) - all built and checked before any write
     for name, layer in layers.items():
         ad, slots = layer.adapters[adapter], lora[name]
-        keys = [("A", "B")] + ([("out_A", "out_B")] if ad.kind == "mha_in" else [])
         scaling = config.scaling_for(name)
-        for part, (ka, kb) in zip(_parts(ad), keys):
+        for part, ka, kb in layer.peft_parts(ad):
             if ka not in slots or kb not in slots:
                 raise ValueError(f"hotswap: {file}: module {name!r} lacks {ka} or {kb}")
             (key_a, a), (key_b, b) = slots[ka], slots[kb]
             r = a.shape[0]
             _check_rank(name, part, r, max_rank)
-            if b.dim() < 2 or b.shape[1] * _groups(part) != r:
+            if b.dim() < 2 or b.shape[1] * part.groups != r:
                 raise ValueError(f"hotswap: {file}: {key_a!r} and {key_b!r} have inconsistent ranks")
             pa, pb = _padded(a.to(part.lora_A.dtype), b.to(part.lora_B.dtype), part, max_rank)
             for key, src, dst in ((key_a, pa, part.lora_A), (key_b, pb, part.lora_B)):
@@ -182,5 +150,5 @@ def hotswap(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
             dst.copy_(src)
     for part, alpha in alphas:
         part.alpha = alpha
-    model._lorafit_configs = {**getattr(model, "_lorafit_configs", {}), adapter: config}
+    model_state(model).configs[adapter] = config
     return model

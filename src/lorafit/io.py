@@ -13,20 +13,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import safetensors.torch
+from safetensors import SafetensorError, safe_open
 
+from . import variants
 from ._version import __version__
-from .config import LoraConfig
-from .inject import check_adapter_name, commit, plan_injection, plan_saved
-from .tree import adapter_names, base_named_parameters, lora_layers, saved_modules, walk
-from .layers import LoraLayer, wrapper_for
+from .common.files import atomic_write, clean_stale_temps
+from .config import LoraConfig, check_adapter_name
+from .inject import commit, plan_injection, plan_saved
+from .layers import LoraLayer, peft_suffixes, wrapper_for
+from .tree import adapter_configs, adapter_names, base_named_parameters, lora_layers, saved_modules, walk
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -48,71 +49,32 @@ def fingerprint(named_weights) -> str | None:
 
 
 def _base_weights(layers):
-    """(name, weight) of targeted full-precision bases (quantized bases are left out)."""
-    return [(n, layer.base_weight()) for n, layer in layers
-            if not getattr(layer.base_layer, "lorafit_quantized", False)]
+    """(name, weight) of targeted full-precision bases (quantized bases have none to hash)."""
+    return [(n, w) for n, w in ((n, layer.fingerprint_weight()) for n, layer in layers) if w is not None]
 
 
-def _temp_pattern(name: str) -> re.Pattern:
-    """What `_atomic_write` names its temporary file for `name`: ``.<name>.<8 mkstemp chars>.tmp``."""
-    return re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp")
-
-
-def clean_stale_temps(directory: Path, names=(WEIGHTS_NAME, CONFIG_NAME)) -> list[Path]:
-    """Delete the temporary files a killed save left in `directory` (only our own pattern).
-
-    A save in progress never leaves them (it renames or deletes its file), so any still there
-    come from a process that died mid-write. Two processes saving into one directory at once
-    are not supported anyway (the last rename wins), so there is no live writer to protect.
-    """
-    removed = []
-    if not directory.is_dir():
-        return removed
-    patterns = [_temp_pattern(n) for n in names]
-    for entry in directory.iterdir():
-        if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an adapter is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def adapter_tensors(layer: LoraLayer, ad) -> dict:
+    """{PEFT key suffix: tensor} of one adapter on one layer: its kind's parts, then its variant's tensors."""
+    out = {}
+    for part, key_a, key_b in layer.peft_parts(ad):
+        out[key_a], out[key_b] = part.lora_A, part.lora_B
+    if ad.variant is not None:
+        out.update(ad.variant.tensors(ad))
+    return out
 
 
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """PEFT-format tensors of one adapter (keys without the ``base_model.model.`` prefix)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        ad = layer.adapters[adapter] if adapter in layer.adapters else None
-        if ad is None:
-            continue
-        magnitude = getattr(ad, "lora_magnitude_vector", None)  # DoRA, already in PEFT's shape
-        if magnitude is not None:
-            out[f"{name}.lora_magnitude_vector"] = magnitude
-        if ad.kind == "embedding":
-            out[f"{name}.lora_embedding_A"], out[f"{name}.lora_embedding_B"] = ad.lora_A, ad.lora_B
-            continue
-        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_A, ad.lora_B
-        if ad.kind == "mha_in":
-            out[f"{name}.base_layer.out_proj.lora_A.weight"] = ad.out.lora_A
-            out[f"{name}.base_layer.out_proj.lora_B.weight"] = ad.out.lora_B
+        if adapter in layer.adapters:
+            for suffix, tensor in adapter_tensors(layer, layer.adapters[adapter]).items():
+                out[f"{name}.{suffix}"] = tensor
     for name, mod in saved_modules(model):
         if adapter in mod.modules_to_save:
             for key, val in mod.modules_to_save[adapter].state_dict().items():
                 out[f"{name}.{key}"] = val
-    config = getattr(model, "_lorafit_configs", {}).get(adapter)
+    config = adapter_configs(model).get(adapter)
     if config is not None and config.bias != "none":
         for key, p in base_named_parameters(model):
             if key.rsplit(".", 1)[-1] == "bias" and p.requires_grad:
@@ -135,8 +97,6 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
         ValueError: unknown or invalid adapter name, or `directory` (or a parent) is an
             existing file; nothing is written then.
     """
-    from safetensors.torch import save_file
-
     check_adapter_name(adapter)
     directory = Path(directory)
     for parent in (directory, *directory.parents):  # before any work: a file in the way is a usage error
@@ -144,19 +104,18 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
             if not parent.is_dir():
                 raise ValueError(f"{parent}: exists and is not a directory; save_adapter needs a directory path")
             break
-    configs = getattr(model, "_lorafit_configs", {})
+    configs = adapter_configs(model)
     if adapter not in configs:
         raise ValueError(f"model has no adapter {adapter!r} (adapters: {sorted(configs)})")
     config = configs[adapter]
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter in layer.adapters]
     tensors = adapter_state(model, adapter)
     if convert_to_lora:
-        from .variants import convert_to_lora as to_plain_lora
-        tensors, config = to_plain_lora(model, adapter, tensors, config)
-    ours = [n for n, layer in layers if layer.adapters[adapter].a_groups > 1]
+        tensors, config = variants.convert_to_lora(layers, adapter, tensors, config)
+    ours = [(n, why) for n, layer in layers if (why := layer.peft_incompatibility(layer.adapters[adapter]))]
     if ours:
-        warnings.warn(f"adapter {adapter!r} uses lorafit's group-respecting conv form on {len(ours)} grouped conv(s) "
-                      f"(e.g. {ours[0]}): lorafit loads it, PEFT cannot", stacklevel=2)
+        warnings.warn(f"adapter {adapter!r} uses {ours[0][1]} ({len(ours)} layer(s), e.g. {ours[0][0]})",
+                      stacklevel=2)
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
@@ -173,14 +132,15 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. a file created in the way since the check above, or no permission
         raise ValueError(f"{directory}: cannot create the adapter directory ({exc.strerror or exc})") from None
-    clean_stale_temps(directory)
-    _atomic_write(directory / WEIGHTS_NAME,
-                  lambda tmp: save_file({PREFIX + k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    clean_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))
+    atomic_write(directory / WEIGHTS_NAME,
+                 lambda tmp: safetensors.torch.save_file({PREFIX + k: v.cpu() for k, v in tensors.items()}, str(tmp),
+                                                         metadata=meta))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
     return directory
 
 
-def _resolve_dir(directory, adapter: str) -> Path:
+def resolve_dir(directory, adapter: str) -> Path:
     check_adapter_name(adapter)  # it may name a sub-directory: never "..", "/abs" or "a/b"
     d = Path(directory)
     if not (d / CONFIG_NAME).is_file() and (d / adapter / CONFIG_NAME).is_file():
@@ -194,7 +154,7 @@ def _resolve_dir(directory, adapter: str) -> Path:
 
 def read_adapter_config(directory, adapter: str = "default") -> LoraConfig:
     """The validated LoraConfig of an adapter directory (lorafit's or PEFT's)."""
-    path = _resolve_dir(directory, adapter) / CONFIG_NAME
+    path = resolve_dir(directory, adapter) / CONFIG_NAME
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -204,9 +164,7 @@ def read_adapter_config(directory, adapter: str = "default") -> LoraConfig:
 
 def read_adapter_tensors(directory, adapter: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors without the PEFT prefix, safetensors metadata). Never unpickles."""
-    from safetensors import SafetensorError, safe_open
-
-    d = _resolve_dir(directory, adapter)
+    d = resolve_dir(directory, adapter)
     path = d / WEIGHTS_NAME
     if not path.is_file():
         if (d / "adapter_model.bin").is_file():
@@ -249,8 +207,6 @@ def read_safetensors_shapes(path) -> tuple[dict[str, tuple[int, ...]], dict[str,
     Raises:
         ValueError: one line naming the file when it is missing, truncated or not safetensors.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
@@ -264,35 +220,71 @@ def read_safetensors_shapes(path) -> tuple[dict[str, tuple[int, ...]], dict[str,
     return shapes, meta
 
 
-def _classify(tensors, infos, file) -> tuple[dict, dict]:
-    """Split file keys into per-module LoRA tensors {path: {slot: tensor}} and the rest."""
+def classify_file(tensors, infos, file) -> tuple[dict, dict]:
+    """Split file keys into per-module LoRA tensors {path: {suffix: (key, tensor)}} and the rest.
+
+    A key is ``<path>.<suffix>`` with a suffix some layer kind or variant writes. Where several
+    splits fit (``x.base_layer.out_proj.lora_A.weight``: MHA ``x``, or a linear
+    ``x.base_layer.out_proj``) the one whose module exists and whose kind writes that suffix wins.
+    """
+    extra = variants.suffixes()
+    suffixes = sorted(peft_suffixes() | extra, key=len, reverse=True)
     lora, rest = {}, {}
-    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A",
-                ".lora_embedding_B": "B", ".lora_magnitude_vector": "M"}
     for key, val in tensors.items():
-        for suf, slot in suffixes.items():
-            if key.endswith(suf):
-                path = key[: -len(suf)]
-                if path.endswith(".base_layer.out_proj") and path[: -len(".base_layer.out_proj")] in infos:
-                    path, slot = path[: -len(".base_layer.out_proj")], "out_" + slot
-                lora.setdefault(path, {})[slot] = (PREFIX + key, val)
-                break
-        else:
+        splits = [(key[: -len(suf) - 1], suf) for suf in suffixes if key.endswith("." + suf)]
+        if not splits:
             if "lora_" in key:
                 raise ValueError(f"{file}: key {PREFIX + key!r} is not a LoRA weight lorafit understands")
             rest[key] = val
+            continue
+        path, suffix = next(((p, s) for p, s in splits if p in infos and _writes(infos[p], s, extra)), splits[-1])
+        lora.setdefault(path, {})[suffix] = (PREFIX + key, val)
     return lora, rest
 
 
-def _expected_a_groups(base: nn.Module, a, file, key) -> int | None:
-    if not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or a.dim() < 3:
-        return None
-    if a.shape[1] == base.in_channels:
-        return 1  # PEFT's form
-    if base.groups > 1 and a.shape[1] == base.in_channels // base.groups:
-        return base.groups
-    raise ValueError(f"{file}: key {key!r} has shape {tuple(a.shape)}, which does not fit conv "
-                     f"{tuple(base.weight.shape)}")
+def _writes(module: nn.Module, suffix: str, extra: set[str]) -> bool:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    kind = wrapper_for(base)
+    return kind is not None and (suffix in kind.peft_suffixes() or suffix in extra)
+
+
+def _form(path, slots, infos, file) -> dict:
+    """The `make_adapter` form of one module the file adapts, checked against the module."""
+    if path not in infos:
+        raise ValueError(f"{file}: key {slots[next(iter(slots))][0]!r}: the model has no module {path!r}")
+    mod = infos[path]
+    base = mod.base_layer if isinstance(mod, LoraLayer) else mod
+    kind = wrapper_for(base)
+    if kind is None:
+        raise ValueError(f"{file}: module {path!r} is a {type(base).__name__}, which LoRA does not support")
+    if kind.KEY_A not in slots or kind.KEY_B not in slots:
+        raise ValueError(f"{file}: module {path!r} has only one of lora_A / lora_B")
+    key_a = slots[kind.KEY_A][0]
+    return kind.form_from_file(base, {s: t for s, (_, t) in slots.items()}, f"{file}: key {key_a!r}")
+
+
+def _copy_plan(plan, lora, file) -> None:
+    """Copy the file's tensors into the planned (not yet attached) adapters, every key and shape checked."""
+    extra = variants.suffixes()
+    with torch.no_grad():
+        for item in plan:
+            slots = lora[item.name]
+            want = adapter_tensors(item.wrapper, item.adapter)
+            for suffix in sorted(set(slots) - set(want)):
+                if suffix in extra:
+                    raise ValueError(f"{file}: module {item.name!r}: the file has a DoRA {suffix} but the config "
+                                     "says use_dora=false")
+                raise ValueError(f"{file}: key {slots[suffix][0]!r} does not fit module {item.name!r}")
+            for suffix in want:
+                if suffix not in slots:
+                    what = "use_dora is set but the file has no" if suffix in extra else "the file lacks"
+                    raise ValueError(f"{file}: module {item.name!r}: {what} {suffix}")
+            for suffix, dst in want.items():
+                key, src = slots[suffix]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(f"{file}: key {key!r} has shape {tuple(src.shape)} but the model needs "
+                                     f"{tuple(dst.shape)}")
+                dst.copy_(src.to(dst.dtype))
 
 
 def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
@@ -306,48 +298,19 @@ def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Mo
             invalid adapter name, or a name the model already has; the model is unchanged then.
     """
     check_adapter_name(adapter)
-    if adapter in adapter_names(model) or adapter in getattr(model, "_lorafit_configs", {}):
+    if adapter in adapter_names(model) or adapter in adapter_configs(model):
         raise ValueError(f"the model already has an adapter {adapter!r}; load with another adapter= name "
                          "or lorafit.delete_adapter it first")
     config = read_adapter_config(directory, adapter)
     tensors, meta = read_adapter_tensors(directory, adapter)
-    file = _resolve_dir(directory, adapter) / WEIGHTS_NAME
+    file = resolve_dir(directory, adapter) / WEIGHTS_NAME
     infos = {name: mod for name, mod, _, _ in walk(model) if name}
-    lora, rest = _classify(tensors, infos, file)
-    only = {}
-    for path, slots in lora.items():
-        if path not in infos:
-            raise ValueError(f"{file}: key {slots[next(iter(slots))][0]!r}: the model has no module {path!r}")
-        mod = infos[path]
-        base = mod.base_layer if isinstance(mod, LoraLayer) else mod
-        if wrapper_for(base) is None:
-            raise ValueError(f"{file}: module {path!r} is a {type(base).__name__}, which LoRA does not support")
-        if "A" not in slots or "B" not in slots:
-            raise ValueError(f"{file}: module {path!r} has only one of lora_A / lora_B")
-        only[path] = {"a_groups": _expected_a_groups(base, slots["A"][1], file, slots["A"][0])}
+    lora, rest = classify_file(tensors, infos, file)
+    only = {path: _form(path, slots, infos, file) for path, slots in lora.items()}
     if not only:
         raise ValueError(f"{file}: no LoRA weights in the file")
     plan = plan_injection(model, config, adapter, only=only)
-    with torch.no_grad():
-        for item in plan:
-            slots = lora[item.name]
-            pairs = [(slots["A"], item.adapter.lora_A), (slots["B"], item.adapter.lora_B)]
-            if item.adapter.kind == "mha_in":
-                if "out_A" not in slots or "out_B" not in slots:
-                    raise ValueError(f"{file}: MultiheadAttention {item.name!r} lacks its out_proj LoRA weights")
-                pairs += [(slots["out_A"], item.adapter.out.lora_A), (slots["out_B"], item.adapter.out.lora_B)]
-            magnitude = getattr(item.adapter, "lora_magnitude_vector", None)
-            if (magnitude is None) != ("M" not in slots):
-                raise ValueError(f"{file}: module {item.name!r}: " + (
-                    "the file has a DoRA lora_magnitude_vector but the config says use_dora=false"
-                    if magnitude is None else "use_dora is set but the file has no lora_magnitude_vector"))
-            if magnitude is not None:
-                pairs.append((slots["M"], magnitude))
-            for (key, src), dst in pairs:
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{file}: key {key!r} has shape {tuple(src.shape)} but the model needs "
-                                     f"{tuple(dst.shape)}")
-                dst.copy_(src.to(dst.dtype))
+    _copy_plan(plan, lora, file)
     saved = _load_saved(model, config, adapter, rest, file, {item.name for item in plan})
     biases = _load_biases(model, rest, file)
     fp = fingerprint(_base_weights([(i.name, i.wrapper) for i in plan]))
@@ -359,7 +322,6 @@ def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Mo
     with torch.no_grad():
         for param, val in biases:
             param.copy_(val)
-    model._lorafit_configs = {**getattr(model, "_lorafit_configs", {}), adapter: config}
     return model
 
 

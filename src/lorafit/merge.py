@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .tree import lora_layers, walk
 from .layers import LoraLayer, ModulesToSave
+from .tree import drop_state, lora_layers, walk
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -26,9 +26,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
         names = layer.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
         for n in names:
             if n in layer.adapters:
-                if layer.adapters[n].a_groups != layer_groups(layer):  # check all before changing any
-                    raise ValueError(f"{name}: adapter {n!r} uses PEFT's conv form on a grouped conv and "
-                                     "cannot be merged")
+                _check_mergeable(name, layer, n)  # all before changing any
                 work.append((name, layer, n))
     done = []
     for name, layer, n in work:
@@ -62,33 +60,21 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     # check all merges can happen before changing anything
     for name, layer in lora_layers(model):
         for n in layer.active:
-            if n in layer.adapters and n not in layer.merged and layer.adapters[n].a_groups != layer_groups(layer):
-                raise ValueError(f"{name}: adapter {n!r} uses PEFT's conv form on a grouped conv and cannot be merged")
+            if n in layer.adapters and n not in layer.merged:
+                _check_mergeable(name, layer, n)
     for _, mod, parent, attr in list(walk(model)):
         if isinstance(mod, LoraLayer):
-            setattr(parent, attr, _unload_layer(mod, dtype))
+            setattr(parent, attr, mod.unloaded(dtype))
         elif isinstance(mod, ModulesToSave):
             setattr(parent, attr, mod.current())
-    model.__dict__.pop("_lorafit_configs", None)
+    drop_state(model)
     return model
 
 
-def layer_groups(layer: LoraLayer) -> int:
-    return getattr(layer, "groups", 1)
-
-
-def _unload_layer(layer: LoraLayer, dtype) -> nn.Module:
-    base = layer.base_layer
-    live = [n for n in layer.active if n in layer.adapters and n not in layer.merged]
-    if getattr(base, "lorafit_quantized", False):
-        linear = base.to_linear(dtype)
-        with torch.no_grad():
-            for n in live:
-                linear.weight += layer.delta_weight(layer.adapters[n]).to(linear.weight.dtype)
-        return linear
-    for n in live:
-        layer.merge_adapter(n)
-    return base
+def _check_mergeable(name: str, layer: LoraLayer, adapter: str) -> None:
+    blocker = layer.merge_blocker(layer.adapters[adapter])
+    if blocker:
+        raise ValueError(f"{name}: adapter {adapter!r}: {blocker}")
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -99,7 +85,7 @@ def unload(model: nn.Module) -> nn.Module:
             setattr(parent, attr, mod.base_layer)
         elif isinstance(mod, ModulesToSave):
             setattr(parent, attr, mod.original_module)
-    model.__dict__.pop("_lorafit_configs", None)
+    drop_state(model)
     return model
 
 

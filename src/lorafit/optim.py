@@ -17,6 +17,8 @@ import re
 
 import torch.nn as nn
 
+from .tree import lora_layers
+
 # lorafit names adapter weights `...lora_B`; PEFT uses `...lora_B.<adapter>.weight` and
 # `...lora_embedding_B.<adapter>`: one pattern covers both so benchmarks can reuse this helper.
 _B_PATTERN = re.compile(r"(^|\.)lora_B(\.|$)")
@@ -29,10 +31,9 @@ def is_lora_b(name: str) -> bool:
 
 
 def _embedding_adapter_params(model: nn.Module) -> set[int]:
-    from .layers import LoraAdapter
-
-    ids = {id(p) for m in model.modules() if isinstance(m, LoraAdapter) and m.kind == "embedding"
-           for p in m.parameters()}
+    """Adapter parameters of layer kinds that train in their own LoRA+ group (embeddings)."""
+    ids = {id(p) for _, layer in lora_layers(model) if layer.param_group == "lora_embedding"
+           for p in layer.adapters.parameters()}
     ids.update(id(p) for n, p in model.named_parameters() if _EMBEDDING_PATTERN.search(n))  # PEFT naming
     return ids
 

@@ -7,17 +7,71 @@ layer's insides.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from .common.modules import walk as walk_modules
-from .layers import LoraLayer, ModulesToSave
+from .config import LoraConfig
+from .layers import LoraLayer, ModulesToSave, is_linear_like
 
 WRAPPERS = (LoraLayer, ModulesToSave)
+OUTPUT_NAMES = ("lm_head", "classifier", "score", "head")  # "all-linear" leaves these alone (PEFT's rule)
+_STATE = "_lorafit_state"
+
+
+@dataclasses.dataclass
+class ModelState:
+    """What lorafit knows about a model beyond its modules (one object per model, ``model._lorafit_state``).
+
+    Attributes:
+        configs: adapter name -> the `LoraConfig` it was injected / loaded / combined with.
+        hotswap_rank: the rank `prepare_hotswap` padded every adapter to (None: not prepared).
+    A ``deepcopy`` of the model copies it (configs are immutable); `merge_and_unload` and
+    `unload` drop it with the wrappers.
+    """
+
+    configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
+    hotswap_rank: int | None = None
+
+
+def model_state(model: nn.Module) -> ModelState:
+    """The model's state, created empty on first use."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        state = ModelState()
+        setattr(model, _STATE, state)
+    return state
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """adapter name -> LoraConfig (a copy: change adapters through the API, not this dict)."""
+    state = getattr(model, _STATE, None)
+    return dict(state.configs) if state is not None else {}
+
+
+def drop_state(model: nn.Module) -> None:
+    if getattr(model, _STATE, None) is not None:
+        delattr(model, _STATE)
 
 
 def walk(model: nn.Module):
     """Yield (name, module, parent, attr) in named_modules order, not descending into wrappers."""
     return walk_modules(model, leaves=WRAPPERS)
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module a wrapper stands for (LoRA: its base layer; modules_to_save: the original)."""
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module
+
+
+def base_walk(model: nn.Module):
+    """`walk` seeing through wrappers: every base module under the name it had before injection."""
+    return walk_modules(model, unwrap=unwrapped)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -78,3 +132,23 @@ def base_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def base_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in base_named_parameters(model)]
+
+
+def output_layer_ids(model: nn.Module) -> set[int]:
+    """Ids of the output layer that "all-linear" (and default quantization) leave alone.
+
+    ``get_output_embeddings()`` where the model has one, else linear-like modules named
+    lm_head / classifier / score / head.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    out = None
+    if callable(get):
+        try:
+            out = get()
+        except Exception:  # some models raise NotImplementedError
+            out = None
+    if isinstance(out, LoraLayer):
+        out = out.base_layer
+    if isinstance(out, nn.Module):
+        return {id(out)}
+    return {id(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in OUTPUT_NAMES and is_linear_like(m)}

@@ -20,6 +20,7 @@ import torch.nn as nn
 from tests.helpers import Tiny
 
 import lorafit
+from lorafit.tree import adapter_configs
 from lorafit.cli import main
 from lorafit.io import read_adapter_tensors
 
@@ -35,7 +36,7 @@ def snapshot(model):
         "grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "active": lorafit.active_adapters(model),
         "names": lorafit.adapter_names(model),
-        "configs": dict(getattr(model, "_lorafit_configs", {})),
+        "configs": adapter_configs(model),
     }
 
 

@@ -8,6 +8,7 @@ from tests.quant.quant_models import make_llama
 from torch import nn
 
 import lorafit
+from lorafit.layers import QuantizedBase
 from lorafit.quant import Int8Linear, NF4Linear, load_quantized, quantize, quantized_modules, save_quantized
 
 
@@ -32,7 +33,7 @@ def test_gradients_reach_adapters_only(ids, fmt):
     storage = {n: b.clone() for n, b in model.named_buffers()}
     lorafit.inject(model, lorafit.LoraConfig(r=4, alpha=8, target_modules="all-linear", init=False))
     wrapped = [m for m in model.modules() if isinstance(m, lorafit.layers.LoraLayer)]
-    assert len(wrapped) == 14 and all(getattr(m.base_layer, "lorafit_quantized", False) for m in wrapped)
+    assert len(wrapped) == 14 and all(isinstance(m.base_layer, QuantizedBase) for m in wrapped)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}

@@ -8,7 +8,7 @@ import torch.nn as nn
 from tests.helpers import Tiny, peft_load, same_state, state
 
 import lorafit
-from lorafit.tree import lora_layers
+from lorafit.tree import adapter_configs, lora_layers
 
 
 class Net(nn.Module):
@@ -45,7 +45,7 @@ def deltas(model, name):
     for lname, layer in lora_layers(model):
         ad = layer.adapters[name]
         out[lname] = layer.delta_weight(ad).float()
-        if ad.kind == "mha_in":
+        if len(ad.parts()) > 1:  # MHA: the out-proj part
             out[lname + ".out"] = layer._out_delta(name).float()
     return out
 
@@ -108,7 +108,7 @@ def test_linear_is_peft_weighted_factor_sum():
     lorafit.combine_adapters(model, ["a", "b"], w, "lin", method="linear")
     for _, layer in lora_layers(model):
         parts = [layer.adapters[n] for n in ("a", "b", "lin")]
-        for pa, pb, new in ([parts] + ([[p.out for p in parts]] if parts[0].kind == "mha_in" else [])):
+        for pa, pb, new in zip(*[p.parts() for p in parts]):
             ca, cb = w[0] * pa.scaling, w[1] * pb.scaling
             want_a = (abs(ca) ** 0.5) * pa.lora_A + (abs(cb) ** 0.5) * (-1 if cb < 0 else 1) * pb.lora_A
             want_b = (abs(ca) ** 0.5) * pa.lora_B + (abs(cb) ** 0.5) * pb.lora_B
@@ -193,7 +193,7 @@ def test_bad_input_leaves_model_unchanged():
     lorafit.inject(model, lorafit.LoraConfig(r=4, target_modules=["emb", "lin"], init=False, use_dora=True),
                    adapter="dora")
     before, names = state(model), lorafit.adapter_names(model)
-    configs = dict(model._lorafit_configs)
+    configs = adapter_configs(model)
     bad = [
         (dict(names=["a", "lin_only"], weights=[1, 1]), "different layers"),
         (dict(names=["a", "b"], weights=[1.0]), "1 weights for 2"),
@@ -211,4 +211,4 @@ def test_bad_input_leaves_model_unchanged():
         with pytest.raises(ValueError, match=msg):
             lorafit.combine_adapters(model, **kw)
         assert same_state(before, state(model)) and lorafit.adapter_names(model) == names
-        assert model._lorafit_configs == configs
+        assert adapter_configs(model) == configs

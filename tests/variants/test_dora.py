@@ -184,11 +184,11 @@ def test_grouped_conv_dora_matches_definition():
 
 def test_grouped_conv_peft_form_refused():
     """PEFT's conv form on a grouped conv: the update mixes groups, DoRA's norm is undefined."""
-    from lorafit.variants import setup_dora
+    from lorafit.variants import DORA
     layer = lorafit.layers.ConvLora(nn.Conv2d(4, 6, 3, groups=2))
     ad = layer.make_adapter("x", 4, 8, False, 0.0, a_groups=1)
     with pytest.raises(ValueError, match="PEFT's form"):
-        setup_dora("conv", layer, ad)
+        DORA.plan("conv", layer, ad, lorafit.LoraConfig(use_dora=True), None)
 
 
 def test_dora_norm_not_recomputed_until_weights_change():

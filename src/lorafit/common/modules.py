@@ -18,16 +18,24 @@ ORIGINAL_MODULE = "original_module"
 Visit = tuple[str, nn.Module, "nn.Module | None", "str | None"]
 
 
-def walk(model: nn.Module, leaves: tuple[type, ...] = ()) -> Iterator[Visit]:
+def walk(model: nn.Module, leaves: tuple[type, ...] = (),
+         unwrap: Callable[[nn.Module], nn.Module] | None = None) -> Iterator[Visit]:
     """Yield ``(name, module, parent, attribute)`` in ``named_modules`` order, root first (name "").
 
-    Modules of a type in ``leaves`` are yielded but not descended into. Unlike ``named_modules``
-    a module reachable twice is yielded twice (once per parent), which is what replacing it in
-    every parent needs.
+    Args:
+        leaves: modules of these types are yielded but not descended into.
+        unwrap: ``module -> the module to visit in its place`` (e.g. a LoRA wrapper -> its base
+            layer, to see a model under the names it had before injection); applied repeatedly.
+    Unlike ``named_modules`` a module reachable twice is yielded twice (once per parent), which is
+    what replacing it in every parent needs.
     """
     stack = [("", model, None, None)]
     while stack:
         name, mod, parent, attr = stack.pop()
+        if unwrap is not None:
+            inner = unwrap(mod)
+            while inner is not mod:
+                mod, inner = inner, unwrap(inner)
         yield name, mod, parent, attr
         if isinstance(mod, leaves):
             continue

@@ -1,4 +1,7 @@
-"""Layer wrappers: one class per layer kind, each holding `base_layer` and its `adapters`."""
+"""Layer wrappers: one class per layer kind, each holding `base_layer` and its `adapters`.
+
+The kinds are registered in `lorafit.layers.kinds` (first match wins; user kinds come first).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +10,21 @@ import torch.nn as nn
 from .base import LoraAdapter, LoraLayer
 from .conv import ConvLora
 from .embedding import EmbeddingLora
+from .kinds import kinds, peft_suffixes, register_kind, unregister_kind, wrapper_for
 from .linear import LinearLora, is_conv1d_transformers
 from .mha import MhaLora
+from .quantized import QuantizedBase
 from .saved import ModulesToSave
 
-
-def wrapper_for(module: nn.Module):
-    """First-match dispatch: layer type -> wrapper class, or None when not supported."""
-    if isinstance(module, nn.MultiheadAttention):
-        return MhaLora
-    if getattr(module, "lorafit_quantized", False) or isinstance(module, nn.Linear) or is_conv1d_transformers(module):
-        return LinearLora
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ConvLora
-    if isinstance(module, nn.Embedding):
-        return EmbeddingLora
-    return None
+for _kind in (MhaLora, LinearLora, ConvLora, EmbeddingLora):
+    register_kind(_kind, builtin=True)
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or is_conv1d_transformers(module)
-            or bool(getattr(module, "lorafit_quantized", False)))
+    """An ``nn.Linear``-like module (Linear, transformers Conv1D, a quantized linear)."""
+    return LinearLora.handles(module)
 
 
 __all__ = ["LoraAdapter", "LoraLayer", "LinearLora", "ConvLora", "EmbeddingLora", "MhaLora", "ModulesToSave",
-           "wrapper_for", "is_linear_like"]
+           "QuantizedBase", "register_kind", "unregister_kind", "kinds", "wrapper_for", "peft_suffixes",
+           "is_linear_like", "is_conv1d_transformers"]

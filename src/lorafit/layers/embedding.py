@@ -7,20 +7,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
-from .batched import batched_embedding_delta
 
 
 class EmbeddingLora(LoraLayer):
     """y = base(ids) + s * A[:, ids]^T B^T.  Shapes: ids [...]; y [..., dim]."""
 
+    KEY_A, KEY_B = "lora_embedding_A", "lora_embedding_B"  # PEFT's names (no ".weight")
+    param_group = "lora_embedding"  # LoRA+: both factors at the embedding learning rate
+
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
-    def make_adapter(self, name, r, alpha, use_rslora, dropout, a_groups=None):
+    @classmethod
+    def handles(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def make_adapter(self, name, r, alpha, use_rslora, dropout, **form):
         w = self.base_layer.weight
-        return LoraAdapter("embedding", (r, self.in_features), (self.out_features, r), r, alpha, use_rslora,
-                           dropout, master_dtype(w.dtype), w.device)
+        return LoraAdapter((r, self.in_features), (self.out_features, r), r, alpha, use_rslora, dropout,
+                           master_dtype(w.dtype), w.device)
+
+    def init_adapter(self, ad: LoraAdapter, init) -> None:
+        """PEFT's embedding init: A = 0, B ~ N(0, 1) (A random too with ``init=False``)."""
+        with torch.no_grad():
+            nn.init.zeros_(ad.lora_A)
+            nn.init.normal_(ad.lora_B)
+            if init is False:
+                nn.init.normal_(ad.lora_A)
 
     def delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
         delta = (adapter.lora_B.float() @ adapter.lora_A.float()).t() * adapter.scaling  # [vocab, dim]
@@ -30,14 +44,46 @@ class EmbeddingLora(LoraLayer):
         base = self.base_layer
         return F.embedding(ids, table, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
 
+    # ------------------------------------------------------------------ batches
+    def build_stacks(self, adapters, dtype, device):
+        r, n = max(a.r for a in adapters if a is not None), len(adapters) + 1
+        a_stack = torch.zeros(n, self.in_features, r, dtype=dtype, device=device)  # [n + 1, vocab, r]
+        b_stack = torch.zeros(n, self.out_features, r, dtype=dtype, device=device)
+        for i, ad in enumerate(adapters):
+            if ad is not None:
+                a_stack[i, :, : ad.r] = ad.lora_A.to(dtype).t()
+                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype) * ad.scaling
+        return a_stack, b_stack
+
+    def batched_delta(self, y, ids, rows, stacks):
+        """y [N, ..., dim] += per-row s_i A_i[:, ids]^T B_i^T, with ids [N, ...]."""
+        a_stack, b_stack = stacks
+        n = ids.shape[0]
+        xa = a_stack[rows.view(n, *([1] * (ids.dim() - 1))), ids]  # [N, ..., r]
+        delta = torch.bmm(xa.reshape(n, -1, xa.shape[-1]), b_stack[rows].transpose(1, 2))
+        return y.add_(delta.view(y.shape))
+
+    # ------------------------------------------------------------------ DoRA: norm per embedding dimension
+    def dora_layout(self, ad, weight):
+        # W^T [dim, vocab], A [r, vocab], B [dim, r]: a column of W per output, as PEFT
+        return weight.t()[None], ad.lora_A[None], ad.lora_B[None]
+
+    def dora_factor_view(self):
+        return (1, -1)
+
+    def dora_forward(self, ad, factor, ids):
+        y = self.base_layer(ids)
+        xa = self._lookup(ids, ad.lora_A.t().to(y.dtype))  # [..., r]
+        z = y.add_(xa @ (ad.lora_B * ad.scaling).t().to(y.dtype))
+        return z * factor.to(z.dtype)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._batch is not None and not self.disabled:
-            return batched_embedding_delta(self, self.base_layer(ids), ids)
+            return self.batched(self.base_layer(ids), ids)
         live = self._live
         if self.disabled or not live:
-            if self.disabled and self.merged:
-                raise RuntimeError("adapters are merged into this layer; unmerge before disabling them")
-            return self.base_layer(ids)
+            return self._base_only(ids)
         if len(live) == 1 and live[0].variant is not None:  # DoRA (lorafit.variants.dora)
             return live[0].variant.forward(self, live[0], ids)
         y = self.base_layer(ids)

@@ -22,19 +22,34 @@ class MhaLora(LoraLayer):
     the out-proj update (A [r, E], B [E, r]). Adapter dropout is not applied here (there is no
     separate adapter input to drop: the update acts through the effective weight)."""
 
+    all_linear = True
+    owns_children = True  # out_proj is read through its weight: a target naming it adapts the MHA
+    OUT_A, OUT_B = "base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight"
+
     def __init__(self, base_layer: nn.MultiheadAttention):
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (one in_proj_weight)")
         super().__init__(base_layer)
         self.in_features = self.out_features = base_layer.embed_dim
 
-    def make_adapter(self, name, r, alpha, use_rslora, dropout, a_groups=None):
+    @classmethod
+    def handles(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    @classmethod
+    def peft_suffixes(cls):
+        return (cls.KEY_A, cls.KEY_B, cls.OUT_A, cls.OUT_B)
+
+    def make_adapter(self, name, r, alpha, use_rslora, dropout, **form):
         w = self.base_layer.in_proj_weight
         e = self.in_features
         dtype = master_dtype(w.dtype)
-        adapter = LoraAdapter("mha_in", (r, e), (3 * e, r), r, alpha, use_rslora, dropout, dtype, w.device)
-        adapter.out = LoraAdapter("mha_out", (r, e), (e, r), r, alpha, use_rslora, dropout, dtype, w.device)
+        adapter = LoraAdapter((r, e), (3 * e, r), r, alpha, use_rslora, dropout, dtype, w.device)
+        adapter.out = LoraAdapter((r, e), (e, r), r, alpha, use_rslora, dropout, dtype, w.device)
         return adapter
+
+    def peft_parts(self, ad):
+        return [(ad, self.KEY_A, self.KEY_B), (ad.out, self.OUT_A, self.OUT_B)]
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.in_proj_weight
@@ -47,9 +62,7 @@ class MhaLora(LoraLayer):
         ad = self.adapters[name].out
         return ((ad.lora_B.float() @ ad.lora_A.float()) * ad.scaling).to(self.base_layer.out_proj.weight.dtype)
 
-    def merge_adapter(self, name: str, safe: bool = False) -> None:
-        if name in self.merged:
-            return
+    def merge_plain(self, name: str, safe: bool = False) -> None:
         base = self.base_layer
         with torch.no_grad():
             new_in = base.in_proj_weight + self.delta_weight(self.adapters[name])
@@ -58,18 +71,15 @@ class MhaLora(LoraLayer):
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights")
             base.in_proj_weight.copy_(new_in)
             base.out_proj.weight.copy_(new_out)
-        self.merged.append(name)
-        self._refresh()
 
-    def unmerge_adapter(self, name: str) -> None:
-        if name not in self.merged:
-            return
+    def unmerge_plain(self, name: str) -> None:
         base = self.base_layer
         with torch.no_grad():
             base.in_proj_weight.sub_(self.delta_weight(self.adapters[name]))
             base.out_proj.weight.sub_(self._out_delta(name))
-        self.merged.remove(name)
-        self._refresh()
+
+    def build_stacks(self, adapters, dtype, device):
+        raise ValueError("adapter_batch is not supported for nn.MultiheadAttention layers")
 
     def _effective(self, weight: torch.Tensor, adapters) -> torch.Tensor:
         w = weight
@@ -81,13 +91,12 @@ class MhaLora(LoraLayer):
                 average_attn_weights=True, is_causal=False):
         base = self.base_layer
         if self._batch is not None and not self.disabled:
-            raise ValueError("adapter_batch is not supported for nn.MultiheadAttention layers")
+            self.build_stacks([], None, None)  # refuses, naming the layer kind
         live = self._live
         if self.disabled or not live:
-            if self.disabled and self.merged:
-                raise RuntimeError("adapters are merged into this layer; unmerge before disabling them")
-            return base(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return self._base_only(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
         w_in = self._effective(base.in_proj_weight, live)
         w_out = self._effective(base.out_proj.weight, [ad.out for ad in live])
         if base.batch_first:

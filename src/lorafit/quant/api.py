@@ -10,8 +10,10 @@ import re
 
 from torch import nn
 
-from ..inject import OUTPUT_NAMES, output_layer_ids
+from ..common.matching import name_matches
 from ..layers import LoraLayer
+from ..tree import OUTPUT_NAMES, output_layer_ids
+from .formats import check_nf4_shape
 from .layers import LAYER_TYPES, QuantizedLinear
 
 OUTPUT_LAYER_NAMES = OUTPUT_NAMES  # the core's "all-linear" rule, shared so both agree
@@ -20,10 +22,6 @@ OUTPUT_LAYER_NAMES = OUTPUT_NAMES  # the core's "all-linear" rule, shared so bot
 def _mha_linear_ids(model: nn.Module) -> set[int]:
     """nn.MultiheadAttention reads ``out_proj.weight`` directly: its Linear cannot be swapped."""
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-
-
-def _is_lora_wrapper(mod: nn.Module) -> bool:
-    return isinstance(mod, LoraLayer)
 
 
 def select_targets(model: nn.Module, targets=None) -> list[str]:
@@ -52,7 +50,7 @@ def select_targets(model: nn.Module, targets=None) -> list[str]:
             rx = re.compile(targets)
         except re.error as e:
             raise ValueError(f"quantize targets: invalid regex {targets!r}: {e}") from None
-        chosen = [n for n, _ in named if rx.fullmatch(n)]
+        chosen = [n for n, _ in named if name_matches(rx.pattern, n)]
         if not chosen:
             raise ValueError(f"quantize targets: regex {targets!r} matches no module name")
     else:
@@ -61,7 +59,7 @@ def select_targets(model: nn.Module, targets=None) -> list[str]:
             raise ValueError(f"quantize targets must be None, a regex str or a list of names, got {targets!r}")
         chosen, seen = [], set()
         for t in items:
-            hits = [n for n, _ in named if n == t or n.endswith("." + t)]
+            hits = [n for n, _ in named if name_matches([t], n)]
             if not hits:
                 raise ValueError(f"quantize target {t!r} matches no module name")
             for n in hits:
@@ -76,7 +74,7 @@ def select_targets(model: nn.Module, targets=None) -> list[str]:
         m = mods[n]
         if isinstance(m, QuantizedLinear):
             raise ValueError(f"quantize target {n!r} is already quantized ({m.fmt})")
-        if _is_lora_wrapper(m):
+        if isinstance(m, LoraLayer):
             raise ValueError(f"quantize target {n!r} is a LoRA wrapper: quantize before lorafit.inject")
         if not isinstance(m, nn.Linear):
             raise ValueError(f"quantize target {n!r} is a {type(m).__name__}, not an nn.Linear")
@@ -117,8 +115,6 @@ def quantize(model: nn.Module, fmt: str = "nf4", targets=None, block_size: int =
     names = select_targets(model, targets)
     kwargs = {}
     if fmt == "nf4":
-        from .formats import check_nf4_shape
-
         kwargs = {"block_size": block_size, "double_quant": double_quant}
         for n in names:
             w = model.get_submodule(n).weight

@@ -17,30 +17,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layers import ModulesToSave
-from .api import _is_lora_wrapper, _set_module
+from ..tree import WRAPPERS, base_walk
+from .api import _set_module
 from .layers import LAYER_TYPES, QuantizedLinear
 
 _META_KEY = "lorafit_quant"
 _VERSION = 1
 
 
-def _is_modules_to_save(mod: nn.Module) -> bool:
-    return isinstance(mod, ModulesToSave)
-
-
 def _has_wrappers(model: nn.Module) -> bool:
-    return any(_is_lora_wrapper(m) or _is_modules_to_save(m) for m in model.modules())
+    return any(isinstance(m, WRAPPERS) for m in model.modules())
 
 
-def _walk(mod: nn.Module, prefix: str = ""):
-    """Yield (base_name, module) like ``named_modules``, seeing through LoRA wrappers."""
-    while _is_lora_wrapper(mod) or _is_modules_to_save(mod):
-        mod = mod.base_layer if _is_lora_wrapper(mod) else mod.original_module
-    yield prefix.rstrip("."), mod
-    for n, c in mod._modules.items():
-        if c is not None:
-            yield from _walk(c, f"{prefix}{n}.")
+def _walk(model: nn.Module):
+    """(base_name, module) like ``named_modules``, seeing through LoRA wrappers."""
+    return ((name, mod) for name, mod, _, _ in base_walk(model))
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Quantized frozen Linear layers: ``NF4Linear`` and ``Int8Linear``.
 
-Both follow the "Quantized bases" protocol of docs/core-api.md (``lorafit_quantized = True``,
+Both implement `lorafit.layers.QuantizedBase` (docs/core-api.md, "Quantized bases":
 ``in_features``, ``out_features``, ``bias``, ``compute_dtype``, ``dequantize()``,
 ``to_linear()``, ``merge_delta_()``), so the core's LinearLora wraps them like an nn.Linear.
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats, triton_nf4
+from ..layers.quantized import QuantizedBase
+from . import formats
 
 _triton_failed = False
 
@@ -32,9 +33,16 @@ def nf4_backend(device: torch.device) -> str:
     forces the plain path (e.g. to rule the kernel out when debugging).
     """
     choice = os.environ.get("LORAFIT_QUANT_BACKEND", "auto")
-    if choice == "torch" or _triton_failed or not triton_nf4.AVAILABLE or device.type != "cuda":
+    if choice == "torch" or _triton_failed or device.type != "cuda":
         return "torch"
-    return "triton"
+    return "triton" if _triton().AVAILABLE else "torch"
+
+
+def _triton():
+    """The Triton kernel module, imported on the first CUDA decode: importing triton costs seconds."""
+    from . import triton_nf4  # lazy: triton (optional, heavy)
+
+    return triton_nf4
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -64,7 +72,7 @@ class _DequantLinear(torch.autograd.Function):
         return (grad_x, grad_bias, None) + (None,) * len(storage)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(QuantizedBase):
     """Shared machinery: bias, dtype bookkeeping, forward, merge. Subclasses define storage.
 
     Args:
@@ -75,7 +83,6 @@ class QuantizedLinear(nn.Module):
         device: where the storage lives.
     """
 
-    lorafit_quantized = True
     fmt = ""
     _storage_names: tuple[str, ...] = ()
     _fp32_buffers: tuple[str, ...] = ()  # scales: must stay fp32 through model.to(dtype)
@@ -249,7 +256,7 @@ class NF4Linear(QuantizedLinear):
         shape = (self.out_features, self.in_features)
         if nf4_backend(d["packed"].device) == "triton":
             try:
-                return triton_nf4.nf4_dequantize_triton(d, shape, dtype, self.block_size)
+                return _triton().nf4_dequantize_triton(d, shape, dtype, self.block_size)
             except Exception as e:  # a kernel that fails to build must not stop training
                 _triton_failed = True
                 warnings.warn(f"lorafit: Triton NF4 kernel failed ({e!r}); using the PyTorch path", stacklevel=2)

@@ -1,29 +1,51 @@
-"""LoRA variants built on the core wrappers: DoRA, PiSSA / OLoRA initialisation, hot-swap scaling.
+"""LoRA variants built on the core wrappers: DoRA, PiSSA / OLoRA / gaussian init, hot-swap scaling.
 
-A variant is a stateless object set as ``adapter.variant``; a wrapper checks that one attribute
-and, when it is set, delegates ``forward`` (and ``merge`` / ``unmerge`` where the variant
-defines them). Plain LoRA adapters keep the class default ``variant = None`` and pay nothing
-else. `setup_adapter` is called by injection planning for configs that need a variant.
+Each variant implements `lorafit.variants.base.Variant`. The config-chosen ones are listed in
+`VARIANTS`, in the order they are planned (init methods first: DoRA measures its magnitude on
+the weight they leave); `plan_variants` runs the ones a config selects. A new variant is one
+file here (a `Variant` subclass) plus `register_variant(MyVariant())`.
 """
 
 from __future__ import annotations
 
-from .dora import DORA_CONV, DORA_EMBEDDING, DORA_LINEAR, dora_norm, setup_dora
-from .init import convert_to_lora, olora_factors, pissa_factors, setup_init
+from .base import Variant
+from .dora import DORA, Dora, dora_norm
+from .hotswap import TENSOR_SCALING, TensorScaling
+from .init import GAUSSIAN, OLORA, PISSA, GaussianInit, WeightInit, convert_to_lora, olora_factors, pissa_factors
+
+VARIANTS: list[Variant] = [GAUSSIAN, PISSA, OLORA, DORA]  # planning order
 
 
-def setup_adapter(name: str, layer, adapter, config) -> None:
-    """Apply the config's init (PiSSA/OLoRA) and DoRA to a freshly planned adapter.
+def register_variant(variant: Variant, before: Variant | None = None) -> Variant:
+    """Add a config-chosen variant to the table (at the end, or before ``before``); returns it."""
+    if not isinstance(variant, Variant) or variant.config_field is None:
+        raise TypeError(f"register_variant needs a Variant with a config_field, got {variant!r}")
+    if variant not in VARIANTS:
+        VARIANTS.insert(VARIANTS.index(before) if before in VARIANTS else len(VARIANTS), variant)
+    return variant
 
-    Nothing in the model changes here: PiSSA/OLoRA leave the residual base weight on the
-    adapter (``pending_base``) for ``LoraLayer.attach`` to write when the plan commits.
+
+def chosen(config) -> list[Variant]:
+    """The variants a config selects, in planning order."""
+    return [v for v in VARIANTS if v.accepts(getattr(config, v.config_field))]
+
+
+def plan_variants(name: str, layer, adapter, config) -> None:
+    """Apply the config's variants to a freshly planned adapter (nothing in the model changes).
+
+    PiSSA/OLoRA leave the residual base weight on the adapter (``pending_base``) for
+    ``LoraLayer.attach`` to write when the plan commits; DoRA measures its magnitude on it.
     """
     weight = None
-    if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):
-        weight = setup_init(name, layer, adapter, config.init)
-    if config.use_dora:
-        setup_dora(name, layer, adapter, weight)
+    for variant in chosen(config):
+        weight = variant.plan(name, layer, adapter, config, weight)
 
 
-__all__ = ["setup_adapter", "setup_dora", "setup_init", "convert_to_lora", "pissa_factors", "olora_factors",
-           "dora_norm", "DORA_LINEAR", "DORA_CONV", "DORA_EMBEDDING"]
+def suffixes() -> set[str]:
+    """Key suffixes of every variant's extra tensors (DoRA's magnitude)."""
+    return {s for v in VARIANTS for s in v.suffixes()}
+
+
+__all__ = ["Variant", "VARIANTS", "register_variant", "chosen", "plan_variants", "suffixes", "Dora", "DORA",
+           "WeightInit", "GaussianInit", "PISSA", "OLORA", "GAUSSIAN", "TensorScaling", "TENSOR_SCALING",
+           "convert_to_lora", "pissa_factors", "olora_factors", "dora_norm"]

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..functional import lora_add_, lora_linear
-from ..layers import ConvLora, EmbeddingLora, LinearLora, LoraAdapter, LoraLayer
+from ..layers import LoraAdapter, LoraLayer
+from .base import Variant
 
 _EPS = 1e-12
 
@@ -62,34 +62,29 @@ def dora_norm(wa: torch.Tensor, w_sq: torch.Tensor, a: torch.Tensor, b: torch.Te
     return sq.clamp_min(_EPS).sqrt().reshape(-1)
 
 
-class _Dora:
-    """Shared DoRA logic; subclasses give the per-kind weight layout and forward."""
+class Dora(Variant):
+    """DoRA on any layer kind that declares ``dora_layout`` / ``dora_factor_view`` / ``dora_forward``."""
 
     name = "DoRA"
+    config_field = "use_dora"
     exclusive = True  # rescales the base output: it cannot share a layer with other live adapters
+    MAGNITUDE = "lora_magnitude_vector"
 
-    # ------------------------------------------------------------- per-kind layout
-    def grouped(self, layer: LoraLayer, ad: LoraAdapter, weight: torch.Tensor):
-        """(W [g, out/g, K], A [g, r/g, K], B [g, out/g, r/g]) as views."""
-        raise NotImplementedError
-
-    def factor_view(self, layer: LoraLayer) -> tuple:
-        """Shape that broadcasts g [out] over the base weight's layout."""
-        raise NotImplementedError
+    def accepts(self, value) -> bool:
+        return bool(value)
 
     # ------------------------------------------------------------- norms
-    def weight_norm(self, layer: LoraLayer, ad: LoraAdapter,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    def weight_norm(self, layer: LoraLayer, ad: LoraAdapter, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``||W + s B A||`` per output, [out] fp32, cached until W, A or B change."""
         w = layer.base_weight() if weight is None else weight
         a, b = ad.lora_A, ad.lora_B
         s = ad.scaling
         key = (id(w), w._version, a._version, b._version, float(s), w.device, w.dtype)
-        cache = ad.__dict__.setdefault("_dora_cache", {})
+        cache = ad.dora_cache
         if cache.get("key") == key:
             return cache["norm"]
         with torch.no_grad():
-            wg, ag, bg = self.grouped(layer, ad, w)
+            wg, ag, bg = layer.dora_layout(ad, w)
             sq_key = key[:2]
             if cache.get("sq_key") != sq_key:
                 cache["sq"], cache["sq_key"] = _weight_sq(wg, -1), sq_key
@@ -103,15 +98,25 @@ class _Dora:
         return ad.lora_magnitude_vector.reshape(-1) / self.weight_norm(layer, ad)
 
     # ------------------------------------------------------------- setup
-    def magnitude_shape(self, layer: LoraLayer) -> tuple:
-        return (layer.out_features,)
-
-    def init_magnitude(self, layer: LoraLayer, ad: LoraAdapter, weight: torch.Tensor) -> None:
+    def plan(self, name, layer, ad, config, weight):
         """m = ||W + s B A|| so the adapter starts as the base function (PEFT's init)."""
-        norm = self.weight_norm(layer, ad, weight)
-        ad.__dict__.pop("_dora_cache", None)  # `weight` may be a planned (not yet applied) tensor
-        ad.lora_magnitude_vector = nn.Parameter(norm.to(ad.lora_A.dtype).reshape(self.magnitude_shape(layer)))
+        try:
+            norm = self.weight_norm(layer, ad, layer.base_weight() if weight is None else weight)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        ad.dora_cache.clear()  # `weight` may be a planned (not yet applied) tensor
+        ad.lora_magnitude_vector = nn.Parameter(norm.to(ad.lora_A.dtype).reshape(layer.dora_magnitude_shape()))
         ad.variant = self
+        return weight
+
+    def tensors(self, ad):
+        return {self.MAGNITUDE: ad.lora_magnitude_vector}
+
+    def suffixes(self):
+        return (self.MAGNITUDE,)
+
+    def forward(self, layer, ad, x, *args, **kwargs):
+        return layer.dora_forward(ad, self.factor(layer, ad), x, *args, **kwargs)
 
     # ------------------------------------------------------------- merge
     def merge(self, layer: LoraLayer, name: str, safe: bool = False) -> None:
@@ -119,121 +124,22 @@ class _Dora:
         ad = layer.adapters[name]
         weight = layer.base_weight()
         norm = self.weight_norm(layer, ad).clone()
-        g = (ad.lora_magnitude_vector.detach().reshape(-1).float() / norm).view(self.factor_view(layer))
+        g = (ad.lora_magnitude_vector.detach().reshape(-1).float() / norm).view(layer.dora_factor_view())
         with torch.no_grad():
             new = g * (weight.float() + layer.delta_weight(ad).float())
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights")
             weight.copy_(new.to(weight.dtype))
-        ad.__dict__["_dora_merged_norm"] = norm
-        layer.merged.append(name)
-        layer._refresh()
+        ad.dora_merged_norm = norm
 
     def unmerge(self, layer: LoraLayer, name: str) -> None:
         """W = W' / g - s B A with the g used at merge time."""
         ad = layer.adapters[name]
-        norm = ad.__dict__.pop("_dora_merged_norm")
-        g = (ad.lora_magnitude_vector.detach().reshape(-1).float() / norm).view(self.factor_view(layer))
+        norm, ad.dora_merged_norm = ad.dora_merged_norm, None
+        g = (ad.lora_magnitude_vector.detach().reshape(-1).float() / norm).view(layer.dora_factor_view())
         with torch.no_grad():
             weight = layer.base_weight()
             weight.copy_((weight.float() / g - layer.delta_weight(ad).float()).to(weight.dtype))
-        layer.merged.remove(name)
-        layer._refresh()
 
 
-class DoraLinear(_Dora):
-    """nn.Linear and transformers Conv1D (weight [in, out]); x [..., in] -> y [..., out]."""
-
-    def grouped(self, layer, ad, weight):
-        w = weight.t() if layer.fan_in_fan_out else weight  # [out, in] view, no copy
-        return w[None], ad.lora_A[None], ad.lora_B[None]
-
-    def factor_view(self, layer):
-        return (1, -1) if layer.fan_in_fan_out else (-1, 1)
-
-    def forward(self, layer: LinearLora, ad: LoraAdapter, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        g = self.factor(layer, ad)
-        plain = layer._plain()
-        if plain is not None and not args and not kwargs:
-            weight, bias = plain
-            z = lora_linear(x, weight, None, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout, layer.training)
-        else:  # custom base forward: its output minus the bias is W x
-            y = layer.base_layer(x, *args, **kwargs)
-            bias = getattr(layer.base_layer, "bias", None)
-            z = y - bias if bias is not None else y
-            z = lora_add_(z, x, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout, layer.training)
-        g = g.to(z.dtype)
-        return z * g if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
-
-
-class DoraConv(_Dora):
-    """Conv1d/2d/3d with groups=1, or lorafit's grouped form (A grouped like the base)."""
-
-    def grouped(self, layer, ad, weight):
-        g = layer.groups
-        out, rg = layer.out_features, ad.lora_A.shape[0] // g
-        return (weight.reshape(g, out // g, -1), ad.lora_A.reshape(g, rg, -1),
-                ad.lora_B.reshape(g, out // g, rg))
-
-    def factor_view(self, layer):
-        return (-1,) + (1,) * (layer.nd + 1)
-
-    def magnitude_shape(self, layer):
-        return (1, layer.out_features) + (1,) * layer.nd
-
-    def forward(self, layer: ConvLora, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        base = layer.base_layer
-        g = self.factor(layer, ad)
-        z = layer.conv_a(x, base.weight, base.groups)  # the base conv without its bias
-        z = z.add_(layer._delta(x, ad))
-        view = (1, -1) + (1,) * layer.nd
-        g = g.to(z.dtype).view(view)
-        return z * g if base.bias is None else torch.addcmul(base.bias.to(z.dtype).view(view), z, g)
-
-
-class DoraEmbedding(_Dora):
-    """nn.Embedding: W [vocab, dim]; the norm is per embedding dimension (a column of W), as PEFT."""
-
-    def grouped(self, layer, ad, weight):
-        # W^T [dim, vocab], A [r, vocab], B [dim, r]
-        return weight.t()[None], ad.lora_A[None], ad.lora_B[None]
-
-    def factor_view(self, layer):
-        return (1, -1)
-
-    def forward(self, layer: EmbeddingLora, ad: LoraAdapter, ids: torch.Tensor) -> torch.Tensor:
-        g = self.factor(layer, ad)
-        y = layer.base_layer(ids)
-        xa = layer._lookup(ids, ad.lora_A.t().to(y.dtype))  # [..., r]
-        z = y.add_(xa @ (ad.lora_B * ad.scaling).t().to(y.dtype))
-        return z * g.to(z.dtype)
-
-
-DORA_LINEAR, DORA_CONV, DORA_EMBEDDING = DoraLinear(), DoraConv(), DoraEmbedding()
-
-
-def setup_dora(name: str, layer: LoraLayer, ad: LoraAdapter, weight: torch.Tensor | None = None) -> None:
-    """Give a freshly planned adapter its magnitude (m = ||W + s B A||) and the DoRA forward.
-
-    Args:
-        weight: the base weight the adapter will see (PiSSA/OLoRA pass the planned residual).
-    Raises:
-        ValueError: for layers DoRA is not defined on here (MHA, quantized bases, PEFT's conv
-            form on a grouped conv, where the update does not fit the weight's layout).
-    """
-    base = layer.base_layer
-    if getattr(base, "lorafit_quantized", False):
-        raise ValueError(f"{name}: DoRA on a quantized base is not supported yet")
-    if isinstance(layer, LinearLora):
-        variant = DORA_LINEAR
-    elif isinstance(layer, ConvLora):
-        if ad.a_groups != layer.groups:
-            raise ValueError(f"{name}: DoRA needs the update in the conv weight's layout; this grouped conv "
-                             f"(groups={layer.groups}) uses PEFT's form, whose update mixes groups")
-        variant = DORA_CONV
-    elif isinstance(layer, EmbeddingLora):
-        variant = DORA_EMBEDDING
-    else:
-        raise ValueError(f"{name}: DoRA is not supported on {type(base).__name__} layers "
-                         "(supported: Linear, transformers Conv1D, Conv1d/2d/3d, Embedding)")
-    variant.init_magnitude(layer, ad, layer.base_weight() if weight is None else weight)
+DORA = Dora()

@@ -18,22 +18,23 @@ PEFT's ``path_initial_model_for_weight_conversion`` does.
 
 The residual is computed when the injection is planned and written into the base weight only
 when it is committed, so a failed ``inject`` leaves the base untouched.
+
+``init="gaussian"`` (PEFT's option) draws A from N(0, 1/r) instead of kaiming-uniform; on kinds
+whose identity init is A = 0 (embeddings) it changes nothing, as in PEFT.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
+import torch.nn as nn
 
-from ..layers import LinearLora, LoraAdapter, LoraLayer
+from .base import Variant
 
-
-def _weight_out_in(layer: LinearLora) -> torch.Tensor:
-    """The base weight as fp32 [out, in] (a copy)."""
-    w = layer.base_weight().detach().float()
-    return w.t() if layer.fan_in_fan_out else w
+_PISSA = re.compile(r"pissa(_niter_(\d+))?")
 
 
 def pissa_factors(w: torch.Tensor, r: int, scaling: float, niter: int | None = None):
@@ -54,47 +55,76 @@ def olora_factors(w: torch.Tensor, r: int):
     return rr[:r].contiguous(), q[:, :r].contiguous()
 
 
-def setup_init(name: str, layer: LoraLayer, ad: LoraAdapter, init: str) -> torch.Tensor:
-    """Initialise A/B from the base weight; return the planned residual base weight.
+class WeightInit(Variant):
+    """PiSSA / OLoRA: A and B from the top of the base weight; the base keeps the residual."""
 
-    The residual is stored on the adapter (``pending_base``) and written into the base weight
-    by ``LoraLayer.attach`` when the injection commits.
+    config_field = "init"
 
-    Raises:
-        ValueError: on a layer that is not a plain linear one (conv, embedding, MHA, quantized),
-            or a rank larger than min(out, in).
-    """
-    if not isinstance(layer, LinearLora) or layer.quantized:
-        raise ValueError(f"{name}: init={init!r} is supported on Linear / transformers Conv1D layers only "
-                         f"(got {type(layer.base_layer).__name__}); use a target list without this layer")
-    if len(layer.adapters):
-        warnings.warn(f"{name}: init={init!r} changes the base weight that adapters {list(layer.adapters)} "
-                      "were trained on; convert those to plain LoRA first", stacklevel=4)
-    w = _weight_out_in(layer)
-    r = ad.r
-    if r > min(w.shape):
-        raise ValueError(f"{name}: init={init!r} needs r <= min(out, in) = {min(w.shape)}, got r={r}")
-    if init == "olora":
-        a0, b0 = olora_factors(w, r)
-    elif init == "pissa":
-        a0, b0 = pissa_factors(w, r, ad.scaling)
-    else:
-        a0, b0 = pissa_factors(w, r, ad.scaling, niter=int(init.rsplit("_", 1)[1]))
-    with torch.no_grad():
-        ad.lora_A.copy_(a0)
-        ad.lora_B.copy_(b0)
-    residual = w - ad.scaling * (b0 @ a0)
-    if layer.fan_in_fan_out:
-        residual = residual.t()
-    weight = layer.base_weight()
-    residual = residual.to(weight.dtype).contiguous()
-    ad.register_buffer("init_A", a0.to(ad.lora_A.dtype).clone(), persistent=False)
-    ad.register_buffer("init_B", b0.to(ad.lora_B.dtype).clone(), persistent=False)
-    ad.__dict__["pending_base"] = residual
-    return residual
+    def __init__(self, name: str):
+        self.name = name
+
+    def accepts(self, value) -> bool:
+        if not isinstance(value, str):
+            return False
+        return _PISSA.fullmatch(value) is not None if self.name == "pissa" else value == self.name
+
+    def plan(self, name, layer, ad, config, weight):
+        """Initialise A/B from the base weight; return the planned residual base weight.
+
+        The residual is stored on the adapter (``pending_base``) and written into the base weight
+        by ``LoraLayer.attach`` when the injection commits.
+
+        Raises:
+            ValueError: on a layer without a dense [out, in] weight (conv, embedding, MHA,
+                quantized), or a rank larger than min(out, in).
+        """
+        init = config.init
+        w = layer.dense_weight()
+        if w is None:
+            raise ValueError(f"{name}: init={init!r} is supported on Linear / transformers Conv1D layers only "
+                             f"(got {type(layer.base_layer).__name__}); use a target list without this layer")
+        if len(layer.adapters):
+            warnings.warn(f"{name}: init={init!r} changes the base weight that adapters {list(layer.adapters)} "
+                          "were trained on; convert those to plain LoRA first", stacklevel=5)
+        r = ad.r
+        if r > min(w.shape):
+            raise ValueError(f"{name}: init={init!r} needs r <= min(out, in) = {min(w.shape)}, got r={r}")
+        if self.name == "olora":
+            a0, b0 = olora_factors(w, r)
+        else:
+            niter = _PISSA.fullmatch(init).group(2)
+            a0, b0 = pissa_factors(w, r, ad.scaling, niter=None if niter is None else int(niter))
+        with torch.no_grad():
+            ad.lora_A.copy_(a0)
+            ad.lora_B.copy_(b0)
+        residual = layer.from_dense(w - ad.scaling * (b0 @ a0))
+        ad.register_buffer("init_A", a0.to(ad.lora_A.dtype).clone(), persistent=False)
+        ad.register_buffer("init_B", b0.to(ad.lora_B.dtype).clone(), persistent=False)
+        ad.pending_base = residual
+        return residual
 
 
-def convert_to_lora(model, adapter: str, tensors: dict, config):
+class GaussianInit(Variant):
+    """``init="gaussian"``: A ~ N(0, 1/r) where the kind's identity init has B = 0 (not embeddings)."""
+
+    name = "gaussian"
+    config_field = "init"
+
+    def accepts(self, value) -> bool:
+        return value == "gaussian"
+
+    def plan(self, name, layer, ad, config, weight):
+        with torch.no_grad():
+            for part in ad.parts():
+                if not bool(part.lora_B.any()):  # B = 0: A can be anything; embeddings keep A = 0, B random
+                    nn.init.normal_(part.lora_A, std=1.0 / part.r)
+        return weight
+
+
+PISSA, OLORA, GAUSSIAN = WeightInit("pissa"), WeightInit("olora"), GaussianInit()
+
+
+def convert_to_lora(layers, adapter: str, tensors: dict, config):
     """Tensors and config of a plain LoRA adapter equal to a PiSSA/OLoRA one on the ORIGINAL base.
 
     Args:
@@ -106,12 +136,10 @@ def convert_to_lora(model, adapter: str, tensors: dict, config):
     Raises:
         ValueError: an adapter without stored initial factors (not PiSSA/OLoRA) or with DoRA.
     """
-    from ..tree import lora_layers
-
     if config.use_dora:
         raise ValueError(f"adapter {adapter!r} uses DoRA: it cannot be written as a plain LoRA adapter")
     out = dict(tensors)
-    for name, layer in lora_layers(model):
+    for name, layer in layers:
         if adapter not in layer.adapters:
             continue
         ad = layer.adapters[adapter]
