@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .base import LoraAdapter, LoraLayer
+from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
 from .conv import ConvLora
 from .embedding import EmbeddingLora
 from .kinds import kinds, peft_suffixes, register_kind, unregister_kind, wrapper_for
@@ -27,4 +27,4 @@ def is_linear_like(module: nn.Module) -> bool:
 
 __all__ = ["LoraAdapter", "LoraLayer", "LinearLora", "ConvLora", "EmbeddingLora", "MhaLora", "ModulesToSave",
            "QuantizedBase", "register_kind", "unregister_kind", "kinds", "wrapper_for", "peft_suffixes",
-           "is_linear_like", "is_conv1d_transformers"]
+           "is_linear_like", "is_conv1d_transformers", "check_shareable", "master_dtype"]

@@ -209,14 +209,18 @@ class LoraLayer(nn.Module):
         """Stack the batch's adapters (None = absent here) once: scaling folded in, zero slots."""
         raise ValueError(f"adapter_batch is not supported for {type(self.base_layer).__name__} layers")
 
-    def batched_delta(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, stacks) -> torch.Tensor:
-        """y += per-row update, row i using stacked adapter rows[i] (slot n = base only)."""
+    def batched_delta(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, stacks, *inputs) -> torch.Tensor:
+        """y += per-row update, row i using stacked adapter rows[i] (slot n = base only).
+
+        ``inputs`` are further forward inputs of kinds that take several (`batched` passes them on).
+        """
         raise NotImplementedError
 
-    def batched(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def batched(self, y: torch.Tensor, x: torch.Tensor, *inputs) -> torch.Tensor:
+        """The forward inside `adapter_batch`: ``y = base(x, ...)`` plus each row's own adapter."""
         rows = batch_rows(self, x.shape[0])
         stacks = cached_stacks(self, y.dtype, y.device)
-        return y if stacks is None else self.batched_delta(y, x, rows, stacks)
+        return y if stacks is None else self.batched_delta(y, x, rows, stacks, *inputs)
 
     # -------------------------------------------------------------- DoRA (lorafit.variants.dora)
     def dora_layout(self, ad: LoraAdapter, weight: torch.Tensor):
