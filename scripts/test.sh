@@ -7,14 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
-# the dev extra: peft (parity), hypothesis (tests/property), triton on Linux x86_64 (its CPU interpreter)
-if ! python -c "import lorafit, peft, pytest, hypothesis, platform, sys
+# the dev extra: peft (parity), hypothesis (tests/property), import-linter (the layer contracts),
+# triton on Linux x86_64 (its CPU interpreter)
+if ! python -c "import lorafit, peft, pytest, hypothesis, importlinter, platform, sys
 sys.platform != 'linux' or platform.machine() != 'x86_64' or __import__('triton')" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"   # CPU wheel; a bare torch requirement pulls a CUDA build
   python -m pip install -q -e ".[dev]"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ $# -eq 0 ]; then
+  lint-imports --no-cache   # the layers of docs/architecture.md: every import points down
+fi
 python -m pytest -q "$@"
 deactivate
 if [ "${LORAFIT_SKIP_VISION:-0}" != 1 ] && [ $# -eq 0 ]; then
