@@ -7,8 +7,9 @@
 
 A loop is a strongly connected set of modules in the graph of ALL imports (module top and inside
 functions: an import inside a function is still a dependency, it only hides from a reader), and
-the same for the package's parts (each sub-package, each module at its root, and its __init__). Enforcement is `lint-imports` (the contracts in pyproject.toml);
-this script gives the numbers and names behind them.
+the same for the package's parts (each sub-package, each module at its root, and its __init__).
+Enforcement is `lint-imports` (the contracts in pyproject.toml) and tests/test_structure.py; this
+script gives the numbers and names behind them.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv: list[str]) -> int:
                 fgraph[folder(a)].add(folder(b))
                 fgraph.setdefault(folder(b), set())
     folder_loops = loops(dict(fgraph))
-    print(f"folder import loops: {len(folder_loops)}")
+    print(f"part import loops: {len(folder_loops)}")
     for comp in folder_loops:
         print("  " + " <-> ".join(comp))
     return 0
