@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .common.modules import count_parameters
 from .config import check_adapter_name
+from .layers import LoraLayer
 from .tree import activate, active_names, adapter_names, lora_layers, model_state, saved_modules
 
 
@@ -76,7 +77,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def disabled(model: nn.Module):
     """Run the base model only (saved modules fall back to their originals)."""
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    if any(getattr(m, "merged", None) for m in layers):
+    if any(isinstance(m, LoraLayer) and m.merged for m in layers):
         raise RuntimeError("some adapters are merged into the base; call lorafit.unmerge(model) before disabled()")
     before = [m.disabled for m in layers]
     for m in layers:
@@ -102,7 +103,7 @@ def adapter_batch(model: nn.Module, names):
             raise ValueError(f"adapter_batch: unknown adapter {n!r}; the model has {known}")
     distinct = tuple(dict.fromkeys(n for n in names if n is not None))
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    if any(getattr(m, "merged", None) for m in layers):
+    if any(isinstance(m, LoraLayer) and m.merged for m in layers):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lorafit.unmerge(model) first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = torch.tensor([distinct.index(n) if n is not None else len(distinct) for n in names], device=device)

@@ -119,7 +119,7 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-    fan = any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers)
+    fan = any(layer.fan_in_fan_out for _, layer in layers)
     data = config.to_peft_dict(base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan,
                                target_modules=sorted(n for n, _ in layers))
     data["fan_in_fan_out"] = fan

@@ -60,6 +60,7 @@ class LoraAdapter(nn.Module):
             ``forward`` / ``merge`` / ``unmerge`` the wrapper delegates to (one branch per call).
         pending_base: PiSSA / OLoRA: the residual base weight, written by `LoraLayer.attach`
             when the injection commits (None otherwise).
+        init_A, init_B: PiSSA / OLoRA's initial factors (None otherwise; see `lorafit.variants.init`).
         dora_cache, dora_merged_norm: DoRA's cached norms (see `lorafit.variants.dora`).
     Sub-adapters (MHA's out-proj update) are child `LoraAdapter` modules; `parts()` lists them.
     """
@@ -76,6 +77,9 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.pending_base: torch.Tensor | None = None
+        # PiSSA / OLoRA keep their initial factors (to convert to plain LoRA); buffers, so .to() moves them
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
         self.dora_cache: dict = {}
         self.dora_merged_norm: torch.Tensor | None = None
 
@@ -105,6 +109,7 @@ class LoraLayer(nn.Module):
     all_linear = False  # picked by target_modules="all-linear"
     owns_children = False  # a target naming a child adapts this module (its forward reads the child's weight)
     KEY_A, KEY_B = "lora_A.weight", "lora_B.weight"  # PEFT's key suffixes of the (main) adapter
+    fan_in_fan_out = False  # the base weight is stored [in, out] (transformers Conv1D)
     param_group: str | None = None  # LoRA+ (`lorafit.optim`): a separate learning-rate group for this kind
     scaling_in_op = False  # the forward passes ``scaling`` as a Python float (hot-swap needs a variant)
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from .base import LoraLayer
 
 _KINDS: list[type] = []  # user kinds first (they may refine a built-in), then the built-ins in order
+_BUILTIN: set[type] = set()
 
 
 def register_kind(wrapper: type, *, builtin: bool = False) -> type:
@@ -33,16 +34,15 @@ def register_kind(wrapper: type, *, builtin: bool = False) -> type:
         return wrapper
     if builtin:
         _KINDS.append(wrapper)
+        _BUILTIN.add(wrapper)
     else:
-        first_builtin = next((i for i, k in enumerate(_KINDS) if getattr(k, "_builtin", False)), len(_KINDS))
-        _KINDS.insert(first_builtin, wrapper)
-    wrapper._builtin = builtin
+        _KINDS.insert(next((i for i, k in enumerate(_KINDS) if k in _BUILTIN), len(_KINDS)), wrapper)
     return wrapper
 
 
 def unregister_kind(wrapper: type) -> None:
     """Remove a kind added with `register_kind` (tests, plugins that unload)."""
-    if wrapper in _KINDS and not getattr(wrapper, "_builtin", False):
+    if wrapper in _KINDS and wrapper not in _BUILTIN:
         _KINDS.remove(wrapper)
 
 

@@ -98,8 +98,7 @@ class WeightInit(Variant):
             ad.lora_A.copy_(a0)
             ad.lora_B.copy_(b0)
         residual = layer.from_dense(w - ad.scaling * (b0 @ a0))
-        ad.register_buffer("init_A", a0.to(ad.lora_A.dtype).clone(), persistent=False)
-        ad.register_buffer("init_B", b0.to(ad.lora_B.dtype).clone(), persistent=False)
+        ad.init_A, ad.init_B = a0.to(ad.lora_A.dtype).clone(), b0.to(ad.lora_B.dtype).clone()
         ad.pending_base = residual
         return residual
 
@@ -143,7 +142,7 @@ def convert_to_lora(layers, adapter: str, tensors: dict, config):
         if adapter not in layer.adapters:
             continue
         ad = layer.adapters[adapter]
-        a0, b0 = getattr(ad, "init_A", None), getattr(ad, "init_B", None)
+        a0, b0 = ad.init_A, ad.init_B
         if a0 is None or b0 is None:
             raise ValueError(f"convert_to_lora: adapter {adapter!r} on {name} has no PiSSA/OLoRA initial "
                              "weights (only adapters created with init='pissa', 'pissa_niter_K' or 'olora' "
