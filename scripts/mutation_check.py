@@ -47,22 +47,23 @@ ROOT = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache",
                                 "runs", "build", "*.egg-info", "*.pyc")
 
-# test subsets, fastest and most direct first (-x stops at the first failure)
-LINEAR = ["tests/core/test_functional.py", "tests/core/test_adapters.py", "tests/property/test_prop_linear.py",
+# test subsets, fastest and most direct first (-x stops at the first failure); CORE = the former tests/core
+CORE = ["tests/api", "tests/layers"]
+PEFT = "tests/api/test_peft_parity.py"
+LINEAR = ["tests/api/test_functional.py", "tests/api/test_adapters.py", "tests/property/test_prop_linear.py",
           "tests/property/test_prop_saved.py"]
-CONV = ["tests/core/test_conv.py", "tests/core", "tests/property/test_prop_conv.py"]
-IO = ["tests/core/test_io.py", "tests/test_peft_parity.py", "tests/property/test_prop_linear.py",
-      "tests/property/test_prop_conv.py"]
-MERGE = ["tests/core/test_adapters.py", "tests/core/test_conv.py", "tests/property/test_prop_linear.py",
+CONV = ["tests/layers/test_conv.py", *CORE, "tests/property/test_prop_conv.py"]
+IO = ["tests/api/test_io.py", PEFT, "tests/property/test_prop_linear.py", "tests/property/test_prop_conv.py"]
+MERGE = ["tests/api/test_adapters.py", "tests/layers/test_conv.py", "tests/property/test_prop_linear.py",
          "tests/property/test_prop_conv.py"]
 DORA = ["tests/variants/test_dora.py", "tests/property/test_prop_dora.py"]
 QUANT = ["tests/quant/test_quant_formats.py", "tests/quant/test_quant_layers.py", "tests/quant/test_quant_lora.py",
          "tests/quant", "tests/property/test_prop_quant.py"]
-SAVED = ["tests/core/test_functional.py", "tests/property/test_prop_saved.py", "tests/core"]
-MULTI = ["tests/core", "tests/property/test_prop_saved.py", "tests/property/test_prop_linear.py"]
+SAVED = ["tests/api/test_functional.py", "tests/property/test_prop_saved.py", *CORE]
+MULTI = [*CORE, "tests/property/test_prop_saved.py", "tests/property/test_prop_linear.py"]
 TRITON = ["tests/quant/test_quant_triton.py"]
-BATCH = ["tests/core/test_adapters.py", "tests/property/test_prop_adapters.py"]
-MHA = ["tests/test_peft_parity.py", "tests/core/test_adapters.py", "tests/property/test_prop_mha.py"]
+BATCH = ["tests/api/test_adapters.py", "tests/property/test_prop_adapters.py"]
+MHA = [PEFT, "tests/api/test_adapters.py", "tests/property/test_prop_mha.py"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,7 @@ def m(name, file, old, new, tests, needs=None) -> Mutant:
 F, B, C = "src/lorafit/functional.py", "src/lorafit/layers/base.py", "src/lorafit/layers/conv.py"
 L, IOF, D = "src/lorafit/layers/linear.py", "src/lorafit/io.py", "src/lorafit/variants/dora.py"
 QF, QL, QT = "src/lorafit/quant/formats.py", "src/lorafit/quant/layers.py", "src/lorafit/quant/triton_nf4.py"
-E, BT = "src/lorafit/layers/embedding.py", "src/lorafit/layers/batched.py"
-MH = "src/lorafit/layers/mha.py"
+E, MH = "src/lorafit/layers/embedding.py", "src/lorafit/layers/mha.py"
 
 MUTANTS = [
     # scaling
@@ -91,23 +91,24 @@ MUTANTS = [
     m("scaling_squared", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
       "self.scaling = (self.alpha / (math.sqrt(r) if use_rslora else r)) ** 2", LINEAR),
     m("rslora_ignored", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
-      "self.scaling = self.alpha / r", LINEAR + ["tests/test_peft_parity.py"]),
+      "self.scaling = self.alpha / r", LINEAR + [PEFT]),
     m("scaling_dropped_lora_add", F, "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)",
       "_flat(y).addmm_(xa, lora_b.to(dtype).t(), alpha=1.0)", LINEAR),
     m("scaling_dropped_lora_add_no_grad", F, "_flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=scaling)",
       "_flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=1.0)", LINEAR),
     m("scaling_dropped_embedding", E, "a, b = ad.lora_A, ad.lora_B * ad.scaling", "a, b = ad.lora_A, ad.lora_B",
-      ["tests/test_peft_parity.py", "tests/property/test_prop_linear.py"]),
+      [PEFT, "tests/property/test_prop_linear.py"]),
     m("mha_scaling_dropped", MH, "w = w + (ad.lora_B.to(w.dtype) @ ad.lora_A.to(w.dtype)) * ad.scaling",
       "w = w + (ad.lora_B.to(w.dtype) @ ad.lora_A.to(w.dtype))", MHA),
     m("mha_out_proj_merge_sign", MH, "new_out = base.out_proj.weight + self._out_delta(name)",
       "new_out = base.out_proj.weight - self._out_delta(name)", MHA),
-    # adapter key names in io
-    m("io_lora_A_B_swapped", IOF, 'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_A, ad.lora_B',
-      'out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = ad.lora_B, ad.lora_A', IO),
+    # adapter key names in io (adapter_tensors is the key map of save AND load: a lorafit round trip stays consistent)
+    m("io_lora_A_B_swapped", IOF, "out[key_a], out[key_b] = part.lora_A, part.lora_B",
+      "out[key_a], out[key_b] = part.lora_B, part.lora_A", IO),
     m("io_prefix", IOF, 'PREFIX = "base_model.model."', 'PREFIX = "base_model."', IO),
-    m("io_load_slots_swapped", IOF, '{".lora_A.weight": "A", ".lora_B.weight": "B",',
-      '{".lora_A.weight": "B", ".lora_B.weight": "A",', IO),
+    m("io_load_slots_swapped", IOF, "lora.setdefault(path, {})[suffix] = (PREFIX + key, val)",
+      'lora.setdefault(path, {})[{"lora_A.weight": "lora_B.weight", "lora_B.weight": "lora_A.weight"}.get(suffix, '
+      "suffix)] = (PREFIX + key, val)", IO),
     # conv arguments in the adapter path
     m("conv_stride_ignored", C, "return self._fn(x, weight, None, base.stride, padding, base.dilation, groups)",
       "return self._fn(x, weight, None, 1, padding, base.dilation, groups)", CONV),
@@ -117,18 +118,19 @@ MUTANTS = [
     m("conv_groups_ignored", C, "g = self.groups if a_groups is None else a_groups",
       "g = 1 if a_groups is None else a_groups", CONV),
     m("conv1d_gpt2_merge_not_transposed", L, "            delta = delta.t()\n", "            pass\n",
-      MERGE + ["tests/test_peft_parity.py", "tests/variants"]),
+      MERGE + [PEFT, "tests/variants"]),
     # merge sign
-    m("merge_sign", B, "new = weight.float() + delta.float()", "new = weight.float() - delta.float()", MERGE),
-    m("unmerge_sign", B, "weight.copy_((weight.float() - delta.float()).to(weight.dtype))",
-      "weight.copy_((weight.float() + delta.float()).to(weight.dtype))", MERGE),
+    m("merge_sign", B, "new = weight.float() + self.delta_weight(self.adapters[name]).float()",
+      "new = weight.float() - self.delta_weight(self.adapters[name]).float()", MERGE),
+    m("unmerge_sign", B, "weight.copy_((weight.float() - self.delta_weight(self.adapters[name]).float()).to(",
+      "weight.copy_((weight.float() + self.delta_weight(self.adapters[name]).float()).to(", MERGE),
     # DoRA
-    m("dora_norm_dim", D, "return (1, -1) if layer.fan_in_fan_out else (-1, 1)",
-      "return (-1, 1) if layer.fan_in_fan_out else (1, -1)", DORA),
+    m("dora_norm_dim", L, "return (1, -1) if self.fan_in_fan_out else (-1, 1)",
+      "return (-1, 1) if self.fan_in_fan_out else (1, -1)", DORA),
     m("dora_norm_cross_term", D, "sq = w_sq + 2 * scaling * cross + scaling * scaling * low",
       "sq = w_sq + scaling * cross + scaling * scaling * low", DORA),
-    m("dora_conv_padding_mode", D, "z = layer.conv_a(x, base.weight, base.groups)  # the base conv without its bias",
-      "z = layer._fn(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)", DORA),
+    m("dora_conv_padding_mode", C, "z = self.conv_a(x, base.weight, base.groups)  # the base conv without its bias",
+      "z = self._fn(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)", DORA),
     # NF4 block mapping: torch path and Triton kernel
     m("nf4_block_off_by_one", QF, "w = words.view(torch.float32).view(n_blocks, -1).mul_(scale[:, None])",
       "w = words.view(torch.float32).view(n_blocks, -1).mul_(scale.roll(1)[:, None])", QUANT),
@@ -145,14 +147,15 @@ MUTANTS = [
     m("multi_adapter_cat_scaling", B, "b = torch.cat([ad.lora_B * ad.scaling for ad in live], 1)",
       "b = torch.cat([ad.lora_B for ad in live], 1)", MULTI),
     # mixed-adapter batches (adapter_batch)
-    m("batch_rows_shifted", BT, "xa = torch.bmm(x3, a_stack[rows].transpose(1, 2))",
+    m("batch_rows_shifted", L, "xa = torch.bmm(x3, a_stack[rows].transpose(1, 2))",
       "xa = torch.bmm(x3, a_stack[rows.roll(1)].transpose(1, 2))", BATCH),
-    m("batch_conv_scaling_dropped", BT, "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(",
+    m("batch_conv_scaling_dropped", C, "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(",
       "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype)).view(", BATCH),
-    m("set_adapter_first_only", "src/lorafit/adapters.py", "layer.set_active(names)", "layer.set_active(names[:1])",
-      BATCH + ["tests/core"]),
+    # the layer loop of set_adapter is tree.activate now (inject's re-activation goes through it too)
+    m("set_adapter_first_only", "src/lorafit/tree.py", "layer.set_active(names)", "layer.set_active(names[:1])",
+      BATCH + CORE),
     m("inject_leaves_train_mode", "src/lorafit/inject.py",
-      "            item.wrapper.train(item.wrapper.base_layer.training)\n", "", ["tests/core/test_adapters.py"]),
+      "            item.wrapper.train(item.wrapper.base_layer.training)\n", "", ["tests/api/test_adapters.py"]),
     # tensors saved for backward
     m("saved_extra_copy_of_x", F, "save_x = x if (weight.requires_grad and not ctx.same_input) else None",
       "save_x = x.detach().clone()", SAVED),
@@ -236,24 +239,30 @@ def failures(output: str) -> list[str]:
     return re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
 
 
-def first_failure(output: str) -> str | None:
-    found = failures(output)
-    return found[0] if found else None
+def expand(dest: Path, paths) -> list[str]:
+    """A directory becomes its test files, those not listed before it left out: pytest merges a file with a
+    directory listed after it and runs the directory's files in name order (fastest-first would be lost)."""
+    out = []
+    for p in paths:
+        if "::" not in p and (dest / p).is_dir():
+            out += sorted(f.relative_to(dest).as_posix() for f in (dest / p).rglob("test_*.py"))
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
 
 
-def unique(paths) -> list[str]:
-    """Paths in order without repeats (pytest itself skips a file listed again through its directory)."""
-    return list(dict.fromkeys(paths))
-
-
-def check_applies(mutants, dest: Path) -> list[str]:
+def check_applies(mutants, dest: Path, tests: list[str] | None = None) -> list[str]:
+    """Why mutants cannot run: text not there exactly once, or a test path gone (it would run nothing)."""
     problems = []
     for mu in mutants:
-        text = (dest / mu.file).read_text()
-        n = text.count(mu.old)
+        path = dest / mu.file
+        n = path.read_text().count(mu.old) if path.is_file() else 0
         if n != 1:
             problems.append(f"{mu.name}: {mu.file} contains the mutant's text {n} times (need exactly 1): "
                             f"{mu.old!r}")
+        gone = [t for t in dict.fromkeys(tests or mu.tests) if not (dest / t.split("::")[0]).exists()]
+        if gone:
+            problems.append(f"{mu.name}: no test path {', '.join(gone)}")
     return problems
 
 
@@ -267,12 +276,12 @@ def run_mutant(mu: Mutant, dest: Path, env: dict, timeout: float, tests: list[st
     start = time.monotonic()
     try:
         path.write_text(original.replace(mu.old, mu.new, 1))
-        tests = [t for t in unique(tests or mu.tests) if (dest / t.split("::")[0]).exists()]
+        tests = expand(dest, tests or mu.tests)  # every path checked to exist by check_applies
         rc, out = run_pytest(dest, env, tests, timeout)
     finally:
         path.write_text(original)  # always restored: Ctrl-C, SIGTERM, a crash
     row["secs"] = time.monotonic() - start
-    failed = first_failure(out)
+    failed = next(iter(failures(out)), None)
     if rc == 124:
         row.update(caught="no (timeout)")
     elif rc in (1, 2) and failed:
@@ -316,16 +325,17 @@ def main(argv=None) -> int:
         return 2
     if args.list:
         for mu in mutants:
-            print(f"{mu.name:28} {mu.file}: {' '.join(unique(mu.tests))}")
+            print(f"{mu.name:28} {mu.file}: {' '.join(expand(ROOT, mu.tests))}")
         return 0
     signal.signal(signal.SIGTERM, _on_term)
     copies = []
     try:
         for _ in range(max(1, args.jobs)):
             copies.append(make_copy(args.source))
-        problems = check_applies(mutants, copies[0][1])
+        problems = check_applies(mutants, copies[0][1], args.tests)
         if problems:
-            print("mutation_check: these mutants no longer apply; update them in scripts/mutation_check.py:",
+            print("mutation_check: these mutants no longer apply; update them in scripts/mutation_check.py "
+                  "(or the --tests paths):",
                   *problems, sep="\n  ", file=sys.stderr)
             return 2
         for _, dest in copies:
