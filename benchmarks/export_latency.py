@@ -45,7 +45,7 @@ def build(name: str):
 
     torch.manual_seed(0)
     if name == "yolov8n":
-        from lorafit.export.loaders import FirstOutput
+        from lorafit.integrations.ultralytics import FirstOutput
         from lorafit.integrations.ultralytics import detector_config, inject_detector, load_detector, merged_copy
 
         base = load_detector("yolov8n.yaml", nc=3).eval()

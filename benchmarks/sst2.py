@@ -108,11 +108,12 @@ def run_one(method: str, seed: int, max_samples: int, device: str, timing_steps:
     import torch
 
     import lorafit
+    from lorafit.common.modules import count_parameters
+    from lorafit.jobs.options import all_options, resolve, task_defaults
+    from lorafit.jobs.train import quiet_transformers
     from lorafit.tasks.text_classification import Task
     from lorafit.train.distributed import Dist, pick_device
-    from lorafit.train.job import all_options, count_params, quiet_transformers, task_defaults
     from lorafit.train.loop import Trainer
-    from lorafit.train.options import resolve
     from lorafit.train.progress import peak_memory
 
     quiet_transformers()
@@ -165,7 +166,7 @@ def run_one(method: str, seed: int, max_samples: int, device: str, timing_steps:
             p.requires_grad_(True)
     dev = pick_device(device)
     model.to(dev)
-    trainable, total = count_params(model)
+    trainable, total = count_parameters(model, originals=False)
     short = bool(timing_steps or memory_steps)
     mark = memory_mark(dev)
     t0 = time.perf_counter()

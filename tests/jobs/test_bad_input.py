@@ -13,8 +13,9 @@ import pytest
 from lorafit.train.data import read_table, take_samples
 from lorafit.common.errors import LorafitError
 from lorafit.train.input_checks import position_limit
-from lorafit.train.job import all_options, prepare, task_defaults
-from lorafit.train.options import OPTIONS, coerce, load_yaml, resolve
+from lorafit.jobs.options import all_options, load_yaml, resolve, task_defaults
+from lorafit.jobs.train import prepare
+from lorafit.train.options import OPTIONS, coerce
 from tests.train.train_helpers import write_csv, write_jsonl
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main
 from lorafit.common.errors import Interrupted
-from lorafit.train.job import run_train
+from lorafit.jobs.train import run_train
 from tests.train.train_helpers import subprocess_env
 
 

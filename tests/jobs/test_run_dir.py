@@ -19,9 +19,10 @@ import torch
 from lorafit.cli import main
 from lorafit.common import files
 from lorafit.train import checkpoint as ckpt
-from lorafit.train import job, rundir
+from lorafit.jobs import rundir
+from lorafit.jobs import train as job
 from lorafit.common.errors import Interrupted, LorafitError
-from lorafit.train.job import run_train
+from lorafit.jobs.train import run_train
 
 
 def flags(tiny_bert, cls_data, out=None, **kw) -> dict[str, str]:

@@ -9,8 +9,7 @@ import torch
 
 from lorafit.cli import main
 from lorafit.tasks.causal_lm import IGNORE, Task, pack
-from lorafit.train.job import all_options, task_defaults
-from lorafit.train.options import resolve
+from lorafit.jobs.options import all_options, resolve, task_defaults
 from tests.train.train_helpers import write_jsonl
 
 CHAT = [

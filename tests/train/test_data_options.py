@@ -9,7 +9,8 @@ import torch.nn as nn
 from lorafit.optim import is_lora_b, param_groups
 from lorafit.train.data import read_table, take_samples
 from lorafit.common.errors import LorafitError
-from lorafit.train.options import OPTIONS, coerce, load_yaml, parse_targets, resolve
+from lorafit.jobs.options import load_yaml, resolve
+from lorafit.train.options import OPTIONS, coerce, parse_targets
 
 
 def _defaults(task):
@@ -122,7 +123,7 @@ def test_resolve_layers_flags_win(tmp_path):
 
 
 def test_options_a_task_does_not_use_are_refused_only_when_set(tmp_path):
-    from lorafit.train.job import prepare
+    from lorafit.jobs.train import prepare
 
     with pytest.raises(LorafitError, match=r"^--text-column does not apply to --task image-classification \("):
         prepare({"task": "image-classification", "text_column": "x"})

@@ -28,7 +28,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from lorafit.train.job import run_train
+from lorafit.jobs.train import run_train
 from tests.train.train_helpers import subprocess_env
 
 

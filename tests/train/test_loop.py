@@ -15,10 +15,12 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
 from lorafit.common.errors import Interrupted, TrainingDiverged
 from lorafit.train.loop import Trainer, lr_lambda, split_batch
-from lorafit.train.options import OPTIONS, resolve
+from lorafit.jobs.options import resolve
+from lorafit.train.options import OPTIONS
+from lorafit.train.trainable import Trainable
 
 
-class ToyTask:
+class ToyTask(Trainable):
     """y = sum(x) regression; ``nan_at`` makes the loss of that optimizer step NaN."""
 
     primary_metric, greater_is_better = "eval_loss", False

@@ -8,7 +8,7 @@ import pytest
 from tests.jobs.test_job import flags
 
 from lorafit.cli import main
-from lorafit.train.job import run_train
+from lorafit.jobs.train import run_train
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])

@@ -32,11 +32,11 @@ def edit_yaml(yaml_file, **changes):
 def test_vision_tasks_and_export_are_registered():
     """The real registries route --task detect / image-classification and `lorafit export` (nothing patched in)."""
     import lorafit.cli as cli_mod
-    from lorafit.tasks import TASKS, task_module
+    from lorafit.tasks import TASKS, task_class
 
-    assert TASKS["detect"] == "lorafit.tasks.detect" and task_module("detect").Task
+    assert TASKS["detect"] == "lorafit.tasks.detect" and task_class("detect")
     assert TASKS["image-classification"] == "lorafit.tasks.image_classification"
-    assert task_module("image-classification").Task
+    assert task_class("image-classification")
     assert cli_mod.COMMANDS["export"][0] == "lorafit.export.cli:EXPORT"
 
 

@@ -173,7 +173,7 @@ def test_image_classification_eval_and_merge_round_trip(cls_run, tmp_path, capsy
 
     # logits on every val image: the model `lorafit eval --adapter` builds vs the trained model in memory,
     # then the merged directory vs that
-    from lorafit.train.reload import build, resolve_job
+    from lorafit.jobs.reload import build, resolve_job
 
     def model_of(**kw):
         module, opts, where = resolve_job(types.SimpleNamespace(task=None, **kw), {})

@@ -52,7 +52,7 @@ def _run(data, out, callbacks=None, **flags):
 def test_every_train_flag_is_mapped_or_refused():
     """A new `lorafit train` flag must be given a meaning for detect, or a reason it has none."""
     from lorafit.tasks import detect
-    from lorafit.train.job import all_options
+    from lorafit.jobs.options import all_options
 
     keys = {o.key for o in all_options()}
     assert set(detect.NOT_APPLICABLE) <= keys
@@ -141,7 +141,7 @@ def test_resume_continues_bit_exact(tiny, tmp_path):
     checkpoint's pending gradients are exercised too.
     """
     from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint
-    from lorafit.train.job import find_run, run_train
+    from lorafit.jobs.train import find_run, run_train
 
     flags = dict(grad_accum=3, lr_b_ratio=2)
     _, whole = _run(tiny, tmp_path / "whole", **flags)

@@ -140,7 +140,7 @@ def test_overwrite_takes_every_entry_of_a_real_detect_run(adapted, tmp_path):
 
     import pytest
 
-    from lorafit.train import rundir
+    from lorafit.jobs import rundir
     from lorafit.common.errors import LorafitError
 
     old = tmp_path / "old"

@@ -81,15 +81,15 @@ def test_cnn_preset_targets_dense_convs():
 
 def test_vision_tasks_are_registered():
     """``--task image-classification`` / ``detect`` route through the real registry (nothing patched in)."""
-    from lorafit.tasks import TASKS, task_module
+    from lorafit.tasks import TASKS, task_class
 
     assert TASKS["image-classification"] == "lorafit.tasks.image_classification"
     assert TASKS["detect"] == "lorafit.tasks.detect"
-    assert task_module("image-classification").Task and task_module("detect").Task
+    assert task_class("image-classification") and task_class("detect")
 
 
 def run_job(tmp_path, folder, model, **extra):
-    from lorafit.train.job import run_train
+    from lorafit.jobs.train import run_train
 
     flags = {"task": "image-classification", "model": model, "train": str(folder / "train"),
              "eval": str(folder / "val"), "imgsz": "32", "epochs": "1", "batch_size": "6", "out": str(tmp_path / "run"),

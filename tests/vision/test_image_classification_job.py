@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.common.errors import Interrupted
-from lorafit.train.job import run_train
+from lorafit.jobs.train import run_train
 from tests.vision.vision_helpers import subprocess_env
 
 

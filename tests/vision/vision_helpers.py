@@ -8,11 +8,12 @@ IMGSZ = 96  # small enough for CPU, large enough for three YOLO strides (96 / 32
 
 def detect_opts(**flags) -> dict:
     """Resolved ``lorafit train`` options for --task detect (the common table + detect's own flags)."""
+    from lorafit.jobs.options import resolve
     from lorafit.tasks import detect
-    from lorafit.train import options
+    from lorafit.train.options import OPTIONS
 
     flags = {"task": "detect", "device": "cpu", **{k: str(v) for k, v in flags.items()}}
-    return options.resolve(flags, options.OPTIONS + detect.OPTIONS, lambda _t: dict(detect.DEFAULTS))
+    return resolve(flags, OPTIONS + detect.OPTIONS, lambda _t: dict(detect.DEFAULTS))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ drawing are deterministic, and PNG encoding is lossless.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
+
+from lorafit.common.files import write_text
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross")  # the first `classes` are used (default 3)
 DOMAINS = ("A", "B")
@@ -210,7 +213,7 @@ def make_shapes_dataset(root: str | Path, spec: ShapesSpec | None = None, **kwar
     data = {"path": str(root), "train": "images/train", "val": "images/val",
             "names": dict(enumerate(CLASS_NAMES[: spec.classes]))}
     out = root / "data.yaml"
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text(out, yaml.safe_dump(data, sort_keys=False))
     return out
 
 
@@ -239,8 +242,6 @@ def make_shapes_classification(root: str | Path, n_per_class: int = 8, imgsz: in
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorafit.datasets.shapes OUT [--domain A|B] [--n-train N] [--n-val N] [--imgsz N] [--seed S]``."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m lorafit.datasets.shapes", description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--domain", choices=DOMAINS, default="A")

@@ -17,7 +17,10 @@ import math
 import os
 from pathlib import Path
 
+import yaml
+
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import write_text
 
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
 
@@ -119,8 +122,6 @@ def check_detect_data(data_yaml: str | Path, splits=("train", "val")) -> dict:
     Raises:
         LorafitError: one line naming the yaml, image or label file at fault.
     """
-    import yaml
-
     file = Path(data_yaml)
     if not file.is_file():
         raise LorafitError(f"{file}: no such data file (a YOLO data.yaml with path/train/val/names)")
@@ -160,11 +161,8 @@ def check_detect_data(data_yaml: str | Path, splits=("train", "val")) -> dict:
 
 
 def write_normalised_yaml(checked: dict, path: str | Path) -> Path:
-    """Write the checked data (absolute paths) as the data.yaml Ultralytics receives."""
-    import yaml
-
+    """Write the checked data (absolute paths) as the data.yaml Ultralytics receives (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"path": checked["path"], "train": checked["train"], "val": checked["val"], "names": checked["names"]}
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path

@@ -30,8 +30,9 @@ from lorafit.export.formats import (
     to_onnx,
     to_torchscript,
 )
-from lorafit.export.loaders import load_pair
 from lorafit.common.errors import LorafitError
+from lorafit.export.loaders import load_pair
+from lorafit.tasks import task_class
 
 
 def interleaved_ms(runners: dict, x, warmup: int = 3, runs: int = 20) -> dict[str, float]:
@@ -59,49 +60,16 @@ def torch_runner(model):
     return run
 
 
-def calibration_images(task: str, data, imgsz: int, limit: int = 32) -> list[np.ndarray]:
-    """Up to ``limit`` eval images as float32 [1, 3, imgsz, imgsz] arrays, preprocessed like training."""
-    if data is None:
-        return []
-    if task == "detect":
-        from lorafit.datasets.yolo_format import check_detect_data
-        from PIL import Image
+def onnx_predictor(path: Path):
+    """``predict(x) -> logits`` running the ONNX file ``path`` (its session opened on first use)."""
+    session = None
 
-        checked = check_detect_data(data)
-        files = []
-        for entry in checked["val"]:
-            p = Path(entry)
-            files += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-        out = []
-        for f in files[:limit]:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB").resize((imgsz, imgsz)), dtype=np.float32) / 255.0
-            out.append(arr.transpose(2, 0, 1)[None].copy())
-        return out
-    from lorafit.tasks.image_classification import load_image, scan_image_folder
+    def predict(x):
+        nonlocal session
+        session = session or ort_session(path)
+        return run_onnx(session, x)
 
-    _, rows = scan_image_folder(data)
-    step = max(1, len(rows) // limit)
-    return [load_image(p, imgsz)[None].numpy() for p, _ in rows[::step][:limit]]
-
-
-def evaluate_file(task: str, path: Path, data, imgsz: int, labels: list | None = None) -> dict[str, float]:
-    """Metric of an exported ONNX file on ``data``: mAP (detect, via Ultralytics) or accuracy."""
-    if task == "detect":
-        from lorafit.tasks.detect import evaluate_detector
-
-        return evaluate_detector(str(path), data, imgsz, batch=8, device="cpu", rect=False)  # fixed-shape graph
-    from lorafit.tasks.image_classification import load_image, scan_image_folder
-
-    _, rows = scan_image_folder(data, labels)
-    session = ort_session(path)
-    correct = 0
-    for i in range(0, len(rows), 32):
-        chunk = rows[i: i + 32]
-        x = torch.stack([load_image(p, imgsz) for p, _ in chunk])
-        pred = run_onnx(session, x).argmax(-1)
-        correct += int((pred == np.array([y for _, y in chunk])).sum())
-    return {"eval_accuracy": correct / max(len(rows), 1)}
+    return predict
 
 
 def export_model(model: str, adapter, out, fmt: str = "onnx", int8: bool = False, imgsz: int | None = None,
@@ -117,8 +85,9 @@ def export_model(model: str, adapter, out, fmt: str = "onnx", int8: bool = False
         raise LorafitError("--int8 needs --format onnx (int8 is onnxruntime quantization)")
     out = Path(out)
     pair = load_pair(model, adapter, imgsz)
+    task = task_class(pair.task)
     report: dict = {"task": pair.task, "format": fmt, "out": str(out), "imgsz": pair.imgsz}
-    calib = calibration_images(pair.task, data, pair.imgsz) if data is not None else []
+    calib = task.calibration_inputs(data, pair.imgsz) if data is not None else []
     x = torch.from_numpy(np.concatenate(calib[:8])) if calib else example_input(pair.imgsz, batch=2)
     with torch.no_grad():
         merge_diff = float((pair.lora(x) - pair.merged(x)).abs().max())
@@ -134,7 +103,7 @@ def export_model(model: str, adapter, out, fmt: str = "onnx", int8: bool = False
             report["parity"] = check_parity(pair.merged, lambda t: run_onnx(session, t), pair.imgsz, out, x)
             base_onnx = to_onnx(pair.base, pair.imgsz, tmp / "base.onnx")
             same = op_histogram(written) == op_histogram(base_onnx)
-            if not same and pair.task == "image-classification":
+            if not same and pair.same_ops:
                 raise LorafitError(f"{out}: the merged graph's ops differ from the base model's")
             report["same_ops_as_base"] = same
         else:
@@ -162,8 +131,8 @@ def export_model(model: str, adapter, out, fmt: str = "onnx", int8: bool = False
             report["int8"] = {"file": str(q), "method": "static QDQ" if calib else "dynamic"}
             if data is not None:
                 labels = pair.info.get("labels")
-                fp32 = evaluate_file(pair.task, out, data, pair.imgsz, labels)
-                i8 = evaluate_file(pair.task, q, data, pair.imgsz, labels)
+                fp32 = task.evaluate_export(out, onnx_predictor(out), data, pair.imgsz, labels)
+                i8 = task.evaluate_export(q, onnx_predictor(q), data, pair.imgsz, labels)
                 report["int8"]["metrics_fp32"], report["int8"]["metrics_int8"] = fp32, i8
                 report["int8"]["metric_change"] = {k: round(i8[k] - fp32[k], 6) for k in fp32 if k in i8}
         lat = interleaved_ms(runners, example_input(pair.imgsz, batch=1), runs=runs)

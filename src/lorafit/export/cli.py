@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorafit.common.errors import LorafitError
+from lorafit.common.files import write_json
+from lorafit.export.api import export_model, format_report
+
 
 class ExportCommand:
     """The subcommand object (``description``, ``epilog``, ``add_arguments``, ``run``)."""
@@ -38,14 +42,11 @@ class ExportCommand:
         p.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx / .pt)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from lorafit.export.api import export_model, format_report
-        from lorafit.common.errors import LorafitError
-
         if args.imgsz is not None and args.imgsz < 32:
             raise LorafitError(f"--imgsz: must be >= 32, got {args.imgsz}")
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401  # lazy: optional extra, checked for a clear message
+            import onnxruntime  # noqa: F401  # lazy: optional extra
         except ImportError as exc:
             if args.fmt == "onnx":
                 raise LorafitError(f"lorafit export --format onnx needs {exc.name}: pip install 'lorafit[export]'") \
@@ -54,8 +55,6 @@ class ExportCommand:
                               data=args.data, runs=args.runs)
         print(format_report(report))
         if args.json:
-            from lorafit.common.files import write_json
-
             write_json(args.json, json.loads(json.dumps(report, default=str)))
         return 0
 

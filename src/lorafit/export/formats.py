@@ -47,7 +47,7 @@ def example_input(imgsz: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 def to_onnx(model: nn.Module, imgsz: int, path, metadata: dict | None = None) -> Path:
     """Trace ``model`` to ONNX (opset 17, dynamic batch) and embed ``metadata`` as string props."""
-    import onnx
+    import onnx  # lazy: optional extra lorafit[export]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,14 +83,14 @@ def to_torchscript(model: nn.Module, imgsz: int, path) -> Path:
 
 def op_histogram(path) -> Counter:
     """Node op types of an ONNX graph (used to show the merged graph has exactly the base's ops)."""
-    import onnx
+    import onnx  # lazy: optional extra lorafit[export]
 
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
 def assert_no_lora(path) -> None:
     """No node or initializer named after an adapter: the LoRA branch was merged away."""
-    import onnx
+    import onnx  # lazy: optional extra lorafit[export]
 
     graph = onnx.load(str(path)).graph
     names = [n.name for n in graph.node] + [i.name for i in graph.initializer]
@@ -100,7 +100,7 @@ def assert_no_lora(path) -> None:
 
 
 def ort_session(path, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: optional extra lorafit[export]
 
     opts = ort.SessionOptions()
     if threads:
@@ -165,12 +165,14 @@ class _Calibration:
 
 def quantize_int8(src, dst, calibration: list[np.ndarray] | None = None) -> Path:
     """Post-training int8 of an fp32 ONNX file: static QDQ if ``calibration`` is given, else dynamic."""
+    # lazy: optional extra lorafit[export]
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src, dst = Path(src), Path(dst)
     ops = ["Conv", "MatMul", "Gemm"]
     pre = dst.with_name(dst.stem + ".pre.onnx")
     try:  # onnxruntime's recommended pre-pass (shape inference + graph optimisation); optional
+        # lazy: optional extra lorafit[export]
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # its failure path dumps files in CWD

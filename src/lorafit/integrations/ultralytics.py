@@ -30,9 +30,14 @@ import shutil
 from copy import deepcopy
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
+import lorafit
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import write_json
+from lorafit.layers import LoraLayer
+from lorafit.tree import lora_layers, saved_modules
 
 PRESETS = ("all", "backbone", "neck", "head")
 DETECT_META = "lorafit_detect.json"
@@ -47,7 +52,7 @@ def default_config_dir() -> Path:
 
 def _place_fonts(user_dir: Path) -> None:
     """Copy matplotlib's DejaVuSans.ttf to the names Ultralytics looks up (it downloads them otherwise)."""
-    import matplotlib
+    import matplotlib  # lazy: only its font file is needed, and only when Ultralytics is set up
 
     src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     user_dir.mkdir(parents=True, exist_ok=True)
@@ -71,9 +76,9 @@ def configure_offline(config_dir: str | Path | None = None):
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir or default_config_dir()))
     cfg = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     _place_fonts(cfg)
-    try:
+    try:  # lazy: optional extra lorafit[yolo]; the environment above must be set first
         import ultralytics
-        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR  # lazy: as above
     except ImportError as exc:
         raise LorafitError(f"detection needs Ultralytics ({exc.name or exc}): pip install 'lorafit[yolo]' "
                            "(see scripts/setup_vision_env.sh)") from None
@@ -101,8 +106,6 @@ def layer_index(name: str) -> int | None:
 
 def dense_convs(model: nn.Module) -> list[str]:
     """Names of every dense Conv2d (groups == 1) except the fixed DFL projection, in module order."""
-    from lorafit.layers import LoraLayer
-
     out = []
     for name, mod in model.named_modules():
         base = mod.base_layer if isinstance(mod, LoraLayer) else mod
@@ -168,12 +171,22 @@ def resolve_targets(model: nn.Module, targets: str | list[str] = "all", exclude=
 def detector_config(model: nn.Module, rank: int = 8, alpha: float | None = None, targets="all",
                     dropout: float = 0.0, new_classes: bool = False):
     """The LoraConfig for a detector: explicit target names, class convs as modules_to_save if new."""
-    from lorafit import LoraConfig
-
     saved = class_conv_names(model) if new_classes else None
     names = resolve_targets(model, targets, exclude=saved or ())
-    return LoraConfig(r=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=dropout,
+    return lorafit.LoraConfig(r=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=dropout,
                       target_modules=names, modules_to_save=saved)
+
+
+class FirstOutput(nn.Module):
+    """Export wrapper: YOLO's eval forward returns (predictions [N, 4 + nc, anchors], features)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
 
 
 # ----------------------------------------------------------------------------------------- inject / merge
@@ -188,9 +201,6 @@ class MergeBeforeFuse:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        import lorafit
-        from lorafit.tree import lora_layers, saved_modules
-
         model = self.model
         if lora_layers(model) or saved_modules(model):
             lorafit.merge_and_unload(model)
@@ -200,8 +210,6 @@ class MergeBeforeFuse:
 
 def inject_detector(model: nn.Module, config, adapter: str = "default") -> nn.Module:
     """``lorafit.inject`` plus the merge-before-fuse guard. Returns the same model."""
-    import lorafit
-
     if getattr(model, "is_fused", lambda: False)():
         raise LorafitError("the detector is already fused (Conv+BN folded): LoRA needs the unfused checkpoint")
     lorafit.inject(model, config, adapter=adapter)
@@ -211,8 +219,6 @@ def inject_detector(model: nn.Module, config, adapter: str = "default") -> nn.Mo
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy with the adapters merged and every wrapper unloaded: a plain DetectionModel."""
-    import lorafit
-
     copy = deepcopy(model)
     lorafit.merge_and_unload(copy)
     copy.__dict__.pop("fuse", None)
@@ -223,14 +229,12 @@ def merged_copy(model: nn.Module) -> nn.Module:
 def save_detector_adapter(model: nn.Module, directory, base: str | None = None, adapter: str = "default",
                           imgsz: int | None = None) -> Path:
     """Save the adapter (PEFT format) plus ``lorafit_detect.json`` (classes, count, train size) beside it."""
-    import lorafit
-
     directory = Path(directory)
     lorafit.save_adapter(model, directory, adapter=adapter, base_model_name_or_path=base)
     names = getattr(model, "names", None) or {}
     names = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
     meta = {"nc": int(detect_head(model).nc), "names": names, "base_model": base, "imgsz": imgsz}
-    (directory / DETECT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(directory / DETECT_META, meta)
     return directory
 
 
@@ -260,8 +264,6 @@ def load_detector_adapter(model: nn.Module, directory, adapter: str = "default")
     Raises:
         LorafitError: one line naming the file when the adapter does not fit this architecture.
     """
-    import lorafit
-
     directory = Path(directory)
     meta_file = directory / DETECT_META
     if meta_file.is_file():
@@ -291,7 +293,7 @@ def load_detector(spec: str | Path, nc: int | None = None, verbose: bool = False
         LorafitError: missing file, unreadable checkpoint, or not a detection model.
     """
     configure_offline()
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # lazy: optional extra lorafit[yolo]
 
     text = str(spec)
     if text.endswith((".yaml", ".yml")):

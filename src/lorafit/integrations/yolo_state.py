@@ -20,7 +20,9 @@ augmentation RNG lives in the workers, whose state a checkpoint cannot reach.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorafit.train.checkpoint import rng_state, set_rng_state
+from lorafit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lorafit.train.distributed import Dist
 from lorafit.common.errors import Interrupted, LorafitError
 
@@ -200,16 +202,12 @@ class StopOnSignals:
         self.old: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        import os
-
         if self.trainer._signal is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.trainer.request_stop(signum)
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -267,8 +265,6 @@ class EpochControl:
         c = self.controls
         done = self.epoch + 1
         if c.checkpoint_dir is not None and done < self.epochs and done % max(1, c.save_every) == 0:
-            from lorafit.train.checkpoint import save_checkpoint
-
             state = capture(self)
             if self.dist.is_main:
                 save_checkpoint(c.checkpoint_dir, state)

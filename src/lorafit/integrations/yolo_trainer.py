@@ -39,6 +39,7 @@ from __future__ import annotations
 import inspect
 import shutil
 from copy import copy, deepcopy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,9 +53,10 @@ from lorafit.integrations.ultralytics import (
     merged_copy,
     save_detector_adapter,
 )
-from lorafit.integrations.yolo_state import EpochControl, JobControls, load_into, restore
-from lorafit.train.distributed import Dist
 from lorafit.common.errors import LorafitError, TrainingDiverged
+from lorafit.integrations.yolo_state import EpochControl, JobControls, load_into, restore
+from lorafit.optim import is_lora_b
+from lorafit.train.distributed import Dist
 
 configure_offline()
 
@@ -193,8 +195,6 @@ class LoraDetectionTrainer(EpochControl, DetectionTrainer):
 
         The scheduler and the warmup set ``lr`` from each group's ``initial_lr``, so the ratio holds
         throughout."""
-        from lorafit.optim import is_lora_b
-
         opt = super().build_optimizer(model, name=name, lr=lr, momentum=momentum, decay=decay, iterations=iterations)
         ratio = self.controls.lr_b_ratio
         if ratio == 1.0:
@@ -381,8 +381,6 @@ def ultralytics_overrides(model: str, data: str, out_dir, imgsz: int = 320, epoc
     ``workers=0`` on CPU; ``lr`` given means AdamW at that rate, else Ultralytics' automatic choice.
     ``out_dir`` becomes the Ultralytics save_dir exactly (project/name, exist_ok).
     """
-    from pathlib import Path
-
     out_dir = Path(out_dir).resolve()
     args = dict(model=str(model), data=str(data), imgsz=imgsz, epochs=epochs, batch=batch, seed=seed,
                 device=device, amp=False, plots=False, workers=0 if device == "cpu" else 2, project=str(out_dir.parent),

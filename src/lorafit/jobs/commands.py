@@ -16,8 +16,13 @@ from typing import Any
 from collections.abc import Callable
 
 from lorafit.common.errors import LorafitError
-from lorafit.train.options import add_arguments
-from lorafit.train.reload import eval_args, eval_run, job_info, merge_args, merge_run
+from lorafit.common.files import dir_bytes, read_json
+from lorafit.common.matching import pattern_key
+from lorafit.io import read_safetensors_shapes
+from lorafit.jobs.options import add_arguments, all_options
+from lorafit.jobs.reload import eval_args, eval_run, job_info, merge_args, merge_run
+from lorafit.jobs.train import run_train
+from lorafit.train.progress import fmt_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +35,10 @@ class Command:
 
 # ------------------------------------------------------------------ train
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    from lorafit.train.job import all_options
-
     add_arguments(parser, all_options())
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from lorafit.train.job import run_train
-
     run_train(vars(args))
     return 0
 
@@ -59,7 +60,7 @@ TRAIN = Command(
 )
 
 
-# --------------------------------------------------------- eval / merge (lorafit.train.reload)
+# ---------------------------------------------------------- eval / merge (lorafit.jobs.reload)
 EVAL = Command(
     description="Evaluate a trained adapter (or a merged / fully fine-tuned model) on a data file; "
     "prints the metrics and writes them as JSON.",
@@ -99,9 +100,6 @@ def adapter_info(directory: str | Path) -> dict[str, Any]:
         LorafitError: one line naming the file (and key) for a missing, truncated or malformed
             file, or a tensor whose rank does not match the config.
     """
-    from lorafit.io import read_safetensors_shapes
-    from lorafit.common.files import dir_bytes, read_json
-
     d = Path(directory)
     cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file():
@@ -174,8 +172,6 @@ def _check_ranks(cfg: dict, cfg_path: Path, weights: Path, shapes: dict) -> dict
     A is [r, in, *kernel] and B is [out, r, *ones] (PEFT's layout), except that B of a grouped
     conv is [out, r / groups, ...]: without the model, only "divides r" can be checked there.
     """
-    from lorafit.config import pattern_key
-
     r, pattern = cfg.get("r"), cfg.get("rank_pattern") or {}
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise LorafitError(f"{cfg_path}: 'r' must be an integer >= 1, got {r!r}")
@@ -210,8 +206,6 @@ def _check_ranks(cfg: dict, cfg_path: Path, weights: Path, shapes: dict) -> dict
 
 
 def _info_run(args: argparse.Namespace) -> int:
-    from lorafit.train.progress import fmt_bytes
-
     directory = args.adapter or args.adapter_flag
     if not directory:
         raise LorafitError("info: give the adapter directory (lorafit info DIR)")

@@ -2,8 +2,8 @@
 
 The options come in layers: task defaults < the adapter's ``lorafit_job.json`` (what the run was
 trained with: model, columns, image size, data.yaml, seed) < flags. Everything task-specific goes
-through the task's hooks (see :mod:`lorafit.tasks`): ``restore``, ``build_model``, the optional
-``load_adapter`` (detectors rebuild their class convs first) and ``merge_model``, ``read_eval``,
+through the task's methods (:class:`lorafit.tasks.base.Task`): ``restore``, ``build_model``,
+``load_adapter`` (detectors rebuild their class convs first), ``merge_model``, ``read_eval``,
 ``evaluate``, ``export_merged``, and the class attributes ``eval_data_option`` (the flag naming
 the eval data: ``--eval`` or detection's ``--data``) and ``needs_job_info``.
 """
@@ -11,12 +11,22 @@ the eval data: ``--eval`` or detection's ``--data``) and ``needs_job_info``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import dir_bytes, read_json, replace_dir, write_json
+from lorafit.jobs.options import all_options, refuse_not_applicable, resolve, task_defaults
+from lorafit.jobs.train import fmt_metrics, quiet_transformers
+from lorafit.tasks import Task, task_class
+from lorafit.tasks.base import run_seed
+from lorafit.train.distributed import pick_device
 from lorafit.train.options import Option, coerce
+from lorafit.train.progress import fmt_bytes
 
 # keys of lorafit_job.json that are options of the reloaded job (the rest is information)
 JOB_OPTIONS = ("model", "text_column", "label_column", "max_length", "packing", "imgsz", "data", "seed")
@@ -34,18 +44,11 @@ def common_args(parser: argparse.ArgumentParser, adapter_required: bool) -> None
 
 def job_info(directory: Path | None) -> dict[str, Any]:
     """``DIR/lorafit_job.json`` as a dict ({} when absent)."""
-    from lorafit.common.files import read_json
-
     return {} if directory is None else read_json(Path(directory) / "lorafit_job.json")
 
 
-def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
-    """(task module, opts, adapter dir or None), before anything heavy is built."""
-    from lorafit.export.loaders import run_seed
-    from lorafit.tasks import task_module
-    from lorafit.train.job import all_options, refuse_not_applicable, task_defaults
-    from lorafit.train.options import resolve
-
+def resolve_job(args: argparse.Namespace, extra: dict[str, Any]) -> tuple[type[Task], dict[str, Any], Path | None]:
+    """(task class, opts, adapter dir or None), before anything heavy is built."""
     adapter = Path(args.adapter) if args.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise LorafitError(f"--adapter {adapter}: no adapter_config.json in this directory")
@@ -54,13 +57,8 @@ def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
         model = Path(args.model)  # a merged model: a directory, or a file (YOLO model.pt) with the info beside it
         info = job_info(model if model.is_dir() else model.parent if model.is_file() else None)
     task_name = args.task or info.get("task") or "text-classification"
-    module = task_module(task_name)
-    if (
-        adapter is not None
-        and not args.model
-        and not info.get("model")
-        and getattr(module.Task, "needs_job_info", False)
-    ):
+    cls = task_class(task_name)
+    if adapter is not None and not args.model and not info.get("model") and cls.needs_job_info:
         raise LorafitError(
             f"{adapter / 'lorafit_job.json'}: missing, so the base model of this --task {task_name} "
             "adapter is unknown (give --model)"
@@ -73,28 +71,21 @@ def resolve_job(args: argparse.Namespace, extra: dict[str, Any]):
     refuse_not_applicable(task_name, set(flags))
     if args.model:
         flags["model"] = args.model
-    return module, resolve(flags, all_options(), task_defaults, base), adapter
+    return cls, resolve(flags, all_options(), task_defaults, base), adapter
 
 
-def build(module, opts: dict[str, Any], adapter: Path | None):
+def build(cls: type[Task], opts: dict[str, Any], adapter: Path | None) -> tuple[Task, Any]:
     """(task, model): the task restored from the adapter (or the merged model), the base built, the adapter in."""
-    import torch
-
-    from lorafit.train.job import quiet_transformers
-
     quiet_transformers()
-    task = module.Task(opts)
+    task = cls(opts)
     task.restore(adapter or Path(task.model_path))
     torch.manual_seed(opts["seed"])
     model = task.build_model()
     if adapter is not None:
-        import lorafit
-
-        load = getattr(task, "load_adapter", None) or (lambda m, d: lorafit.load_adapter(m, d))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                load(model, adapter)
+                task.load_adapter(model, adapter)
             except ValueError as exc:  # shape / name mismatch: the adapter is for another architecture
                 raise LorafitError(f"--adapter {adapter}: {str(exc).splitlines()[0]}") from None
         for w in caught:
@@ -105,13 +96,9 @@ def build(module, opts: dict[str, Any], adapter: Path | None):
 
 def load(args: argparse.Namespace, extra: dict[str, Any]):
     """(task, model, opts) for eval/merge."""
-    module, opts, adapter = resolve_job(args, extra)
-    task, model = build(module, opts, adapter)
+    cls, opts, adapter = resolve_job(args, extra)
+    task, model = build(cls, opts, adapter)
     return task, model, opts
-
-
-def _data_flag(module) -> str:
-    return getattr(module.Task, "eval_data_option", "eval")
 
 
 # ------------------------------------------------------------------ eval
@@ -145,14 +132,6 @@ def eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_run(args: argparse.Namespace) -> int:
-    import contextlib
-
-    import torch
-
-    from lorafit.common.files import write_json
-    from lorafit.train.distributed import pick_device
-    from lorafit.train.job import fmt_metrics
-
     extra = {
         "text_column": args.text_column,
         "label_column": args.label_column,
@@ -163,14 +142,14 @@ def eval_run(args: argparse.Namespace) -> int:
         "eval": args.eval,
         "data": args.data,
     }
-    module, opts, adapter = resolve_job(args, extra)
-    key = _data_flag(module)
+    cls, opts, adapter = resolve_job(args, extra)
+    key = cls.eval_data_option
     other = "data" if key == "eval" else "eval"
     if getattr(args, other):
         raise LorafitError(f"--{other} does not apply to lorafit eval --task {opts['task']} (give --{key})")
     if not opts.get(key):
         raise LorafitError(f"--{key} is required for lorafit eval --task {opts['task']}")
-    task, model = build(module, opts, adapter)
+    task, model = build(cls, opts, adapter)
     rows = task.read_eval(opts[key])
     if not rows:
         raise LorafitError(f"{opts[key]}: no data rows")
@@ -183,10 +162,9 @@ def eval_run(args: argparse.Namespace) -> int:
     with torch.no_grad(), ctx:
         metrics = task.evaluate(model, rows, batch, device)
     print(f"{len(rows)} {'images' if key == 'data' else 'rows'} from {opts[key]}: {fmt_metrics(metrics)}")
-    if hasattr(task, "sample"):
-        sample = task.sample(model, rows, device)
-        if sample:
-            print(f"sample: {sample}")
+    sample = task.sample(model, rows, device)
+    if sample:
+        print(f"sample: {sample}")
     where = Path(args.adapter or opts["model"]).resolve()
     out = Path(args.out) if args.out else where.parent / f"eval-{Path(opts[key]).stem}.json"
     write_json(
@@ -221,27 +199,12 @@ def merge_args(parser: argparse.ArgumentParser) -> None:
 
 
 def merge_run(args: argparse.Namespace) -> int:
-    import torch
-
-    import lorafit
-    from lorafit.common.files import dir_bytes, replace_dir
-    from lorafit.train.progress import fmt_bytes
-
-    module, opts, adapter = resolve_job(args, {"data": args.data})
-    if args.data and _data_flag(module) != "data":
+    cls, opts, adapter = resolve_job(args, {"data": args.data})
+    if args.data and cls.eval_data_option != "data":
         raise LorafitError(f"--data does not apply to lorafit merge --task {opts['task']}")
-    task, model = build(module, opts, adapter)
-    model = (getattr(task, "merge_model", None) or lorafit.merge_and_unload)(model)
+    task, model = build(cls, opts, adapter)
+    model = task.merge_model(model)
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
-    export = getattr(task, "export_merged", None)
-    if export is None:  # a task without its own format: a state dict plus the rebuild info
-
-        def export(m, d):
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, Path(d) / "model.safetensors")
-            task.save_extras(d)
-
-    replace_dir(args.out, lambda d: export(model, d))
+    replace_dir(args.out, lambda d: task.export_merged(model, d))
     print(f"merged {args.adapter} into {opts['model']}: wrote {args.out} ({fmt_bytes(dir_bytes(args.out))})")
     return 0

@@ -1,6 +1,6 @@
 """The run directory, checked before a model is loaded: never clobber a run, never half-resume one.
 
-``lorafit train`` writes into one directory (see :mod:`lorafit.train.job`). Before anything is
+``lorafit train`` writes into one directory (see :mod:`lorafit.jobs.train`). Before anything is
 loaded:
 
 * a new run's ``--out`` must be absent or empty, or an old run's directory with ``--overwrite``

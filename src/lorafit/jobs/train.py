@@ -12,7 +12,7 @@ Run directory layout (rank 0 writes, everything atomically)::
 
 A new run's ``--out`` must be absent or empty (``--overwrite`` replaces an old run), and
 ``--resume`` refuses changed options; both are checked before a model is loaded
-(:mod:`lorafit.train.rundir`).
+(:mod:`lorafit.jobs.rundir`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,23 @@ import glob
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
+import yaml
 
-from lorafit.tasks import TASKS, task_module
+import lorafit
 from lorafit.common import files
-from lorafit.train import checkpoint as ckpt
-from lorafit.train import distributed, options, rundir
 from lorafit.common.errors import LorafitError
+from lorafit.common.modules import count_parameters
+from lorafit.jobs import options, rundir
+from lorafit.tasks import LoopTask, Task, task_class
+from lorafit.train import checkpoint as ckpt
+from lorafit.train import distributed
+from lorafit.train.loop import Trainer
+from lorafit.train.options import parse_targets
 from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
 
 
@@ -41,35 +47,10 @@ def quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    import transformers  # lazy: seconds to import; only jobs that build a model need it
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def all_options() -> list[options.Option]:
-    """The common options plus every registered task's extra options (tasks failing to import are skipped)."""
-    import dataclasses
-
-    out = [
-        dataclasses.replace(o, help=f"what to train: {' | '.join(TASKS)}.") if o.key == "task" else o
-        for o in options.OPTIONS
-    ]
-    seen = {o.key for o in out}
-    for name in TASKS:
-        try:
-            extra = list(getattr(task_module(name), "OPTIONS", []))
-        except Exception:  # a broken or uninstallable task must not break the others
-            continue
-        for opt in extra:  # tasks may share an extra flag (e.g. --imgsz): the first declaration wins
-            if opt.key not in seen:
-                seen.add(opt.key)
-                out.append(opt)
-    return out
-
-
-def task_defaults(name: str) -> dict[str, Any]:
-    return dict(task_module(name).DEFAULTS)
 
 
 def find_run(resume: Any, out: str | None, task: str | None) -> Path:
@@ -89,18 +70,6 @@ def find_run(resume: Any, out: str | None, task: str | None) -> Path:
     return run
 
 
-def refuse_not_applicable(task: str, given: set[str]) -> None:
-    """Refuse an option the user set (flag or ``--config``) that the task would not use.
-
-    A task module lists such options in ``NOT_APPLICABLE = {key: reason}``: silently ignoring
-    ``--packing`` on a classifier, or ``--text-column`` on a detector, would let a user believe a
-    setting took effect when it did not.
-    """
-    table = getattr(task_module(task), "NOT_APPLICABLE", {})
-    for key in sorted(given & set(table)):
-        raise LorafitError(f"--{key.replace('_', '-')} does not apply to --task {task} ({table[key]})")
-
-
 def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     """Resolve the options and check everything that can be checked before a model is loaded.
 
@@ -115,18 +84,18 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     Raises:
         LorafitError: one line naming the flag, file or value (exit code 2 from the CLI).
     """
-    table = all_options()
+    table = options.all_options()
     run = None
     base = None
     if flags.get("resume") is not None:
         run = find_run(flags["resume"], flags.get("out"), flags.get("task"))
         base = options.load_yaml(run / "config.yaml", table)
         base.pop("overwrite", None)  # never recorded; a hand-edited config.yaml must not carry it
-    opts = options.resolve(flags, table, task_defaults, base)
+    opts = options.resolve(flags, table, options.task_defaults, base)
 
     # 2. validate: nothing but option values and config files is read
-    refuse_not_applicable(opts["task"], options.user_keys(flags, table))
-    options.parse_targets(opts["targets"])
+    options.refuse_not_applicable(opts["task"], options.user_keys(flags, table))
+    parse_targets(opts["targets"])
     opts.pop("config", None)
     opts.pop("resume", None)
 
@@ -138,7 +107,7 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
         given_out = flags.get("out")
         if flags.get("resume") is not True and given_out and os.path.abspath(given_out) != os.path.abspath(run):
             raise LorafitError(f"--resume {run} and --out {given_out} name different runs; give one of them")
-        recorded = options.resolve({}, table, task_defaults, base)
+        recorded = options.resolve({}, table, options.task_defaults, base)
         rundir.refuse_changes(run, opts, recorded, table)
         opts["out"] = str(run)
         if main:
@@ -161,21 +130,8 @@ def base_model_bytes(model_path: str, model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; the untouched original of a modules_to_save head is not counted."""
-    trainable = total = 0
-    for name, p in model.named_parameters():
-        if ".original_module." in f".{name}":
-            continue
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-def build(opts: dict[str, Any], task) -> torch.nn.Module:
+def build(opts: dict[str, Any], task: LoopTask) -> torch.nn.Module:
     """Seeded model construction, then injection (or everything trainable with --full-finetune)."""
-    import lorafit
-
     random.seed(opts["seed"])
     torch.manual_seed(opts["seed"])
     model = task.build_model()
@@ -194,7 +150,7 @@ def build(opts: dict[str, Any], task) -> torch.nn.Module:
             r=opts["rank"],
             alpha=opts["alpha"],
             dropout=opts["dropout"],
-            target_modules=options.parse_targets(opts["targets"]),
+            target_modules=parse_targets(opts["targets"]),
             **task.lora_kwargs(),
         )
         try:
@@ -206,10 +162,8 @@ def build(opts: dict[str, Any], task) -> torch.nn.Module:
     return model
 
 
-def save_trained(model, task, opts: dict[str, Any], directory: Path) -> None:
+def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path) -> None:
     """The adapter (PEFT format + task extras), or the whole model with --full-finetune."""
-    import lorafit
-
     if opts["full_finetune"]:
         task.save_full(model, directory)
         return
@@ -243,10 +197,10 @@ def run_train(
     opts, resume_dir = prepare(flags)
     overwrite = opts.pop("overwrite")  # an action, not a setting of the run: never in config.yaml
     quiet_transformers()
-    task = task_module(opts["task"]).Task(opts)
+    task: Task = task_class(opts["task"])(opts)
     reserved: list[str] = []  # a default run directory this process created (removed if left empty)
     try:
-        if getattr(task, "owns_loop", False):  # e.g. detection through ultralytics' own trainer
+        if task.owns_loop:  # e.g. detection through ultralytics' own trainer
             if rundir.is_main_process():
                 if opts["out"] is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
                     reserved.append(rundir.reserve_default(opts["task"]))
@@ -276,7 +230,8 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
         train_rows, eval_rows = task.load_data()
         opts["title"] = f"{opts['task']} on {opts['model']}"
         model = build(opts, task)
-        trainable, total = count_params(model)
+        # the untouched original of a modules_to_save head is not counted
+        trainable, total = count_parameters(model, originals=False)
         model.to(dist.device)
         params = [p for p in model.parameters() if p.requires_grad]
         dist.broadcast_params(params)
@@ -288,8 +243,6 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
                 rundir.clear_old_run(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in opts.items() if k != "title"}
-            import yaml
-
             files.write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
         what = (
             "full fine-tuning" if opts["full_finetune"] else f"LoRA r={opts['rank']} alpha={opts['alpha']:g}"
@@ -301,8 +254,6 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
         )
         if state is not None:
             say(f"resuming {run_dir} at step {state['step']}")
-        from lorafit.train.loop import Trainer
-
         trainer = Trainer(
             model,
             task,
@@ -330,7 +281,7 @@ def finish(
     sample = None
     if dist.is_main:
         files.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
-        if hasattr(task, "sample") and trainer.eval_rows:
+        if trainer.eval_rows:
             sample = task.sample(model, trainer.eval_rows, dist.device)
     dist.barrier()
     weights = list((run_dir / out_name).glob("*.safetensors")) if dist.is_main else []

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorafit.tasks import TextModel, checkpoint_activations
-from lorafit.train.data import read_table, take_samples
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import write_json
+from lorafit.tasks import LoopTask, TextModel, checkpoint_activations
+from lorafit.train.data import read_table, take_samples
 from lorafit.train.options import Option
 
 DEFAULTS = {
@@ -70,12 +71,15 @@ def render_plain(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-class Task(TextModel):
-    """See :mod:`lorafit.tasks` for the interface."""
+class Task(TextModel, LoopTask):
+    """``--task causal-lm`` (see :class:`lorafit.tasks.base.Task` for the contract)."""
 
     name = "causal-lm"
     primary_metric = "eval_loss"
     greater_is_better = False
+    DEFAULTS = DEFAULTS
+    OPTIONS = OPTIONS
+    NOT_APPLICABLE = NOT_APPLICABLE
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)
@@ -184,7 +188,7 @@ class Task(TextModel):
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # lazy: seconds; `lorafit train --help` imports the tasks
 
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         model.config.use_cache = False
@@ -291,8 +295,6 @@ class Task(TextModel):
         }
 
     def save_extras(self, directory: Path) -> None:
-        from lorafit.common.files import write_json
-
         write_json(Path(directory) / "lorafit_job.json", self.job_info())
 
     def restore(self, directory: Path) -> None:

@@ -30,14 +30,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.tasks.detect_io import DetectReload, ultralytics_device_of
+import yaml
+
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import replace_dir, write_json, write_text
+from lorafit.common.modules import count_parameters
+from lorafit.datasets.yolo_format import _images, check_detect_data, check_label_file, label_path, write_normalised_yaml
+from lorafit.integrations.ultralytics import configure_offline
+from lorafit.integrations.yolo_state import JobControls, StopOnSignals, read_results
+from lorafit.tasks import base
+from lorafit.tasks.detect_io import DEFAULT_IMGSZ, DetectReload, rename_metrics, ultralytics_device_of
+from lorafit.train import distributed
+from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint
+from lorafit.train.data import take_samples
 from lorafit.train.options import Option
+from lorafit.train.progress import MetricsLog, plot_loss
 
 DEFAULTS = {"model": "yolov8n.yaml", "targets": "all", "batch_size": 16, "epochs": 10, "lr_lora": 1e-2,
-            "lr_full": 1e-3, "imgsz": 320, "eval_batch_size": 32,
+            "lr_full": 1e-3, "imgsz": DEFAULT_IMGSZ, "eval_batch_size": 32,
             "max_grad_norm": 10.0}  # Ultralytics' own clipping value; 0 turns it off
-# Flags of ``lorafit train`` that cannot mean anything for detection: setting one is refused (job.prepare).
+# Flags of ``lorafit train`` that cannot mean anything for detection: setting one is refused (jobs.options).
 NOT_APPLICABLE = {
     "train": "the splits come from --data data.yaml",
     "eval": "the splits come from --data data.yaml",
@@ -54,51 +66,18 @@ OPTIONS = [
     Option("imgsz", "int", None, "detect / image-classification: input image size in pixels (detect "
            "default 320; a multiple of 32).", minimum=32, metavar="N", group="data"),
 ]
-METRIC_KEYS = {"metrics/mAP50(B)": "eval_mAP50", "metrics/mAP50-95(B)": "eval_mAP50-95",
-               "metrics/precision(B)": "eval_precision", "metrics/recall(B)": "eval_recall"}
 
 
-def rename_metrics(raw: dict[str, Any]) -> dict[str, float]:
-    """Ultralytics' result keys -> lorafit's ``eval_*`` keys (only the box metrics)."""
-    return {new: round(float(raw[old]), 6) for old, new in METRIC_KEYS.items() if old in raw}
-
-
-def evaluate_detector(model, data_yaml, imgsz: int, batch: int = 32, device: str = "cpu",
-                      rect: bool = True) -> dict[str, float]:
-    """mAP50 / mAP50-95 / precision / recall of ``model`` on the data's val split.
-
-    Args:
-        model: a DetectionModel (LoRA adapters allowed) or a path Ultralytics loads (.pt, .onnx).
-        rect: rectangular val batches, as the trainer's own validation (and ``model.val()``) use:
-            the letterbox pads each batch to a stride multiple, so a 96 px image becomes a 128 px
-            input. Numbers compare only between runs with the same setting, so everything lorafit
-            reports before/after training validates this way; ``rect=False`` (square inputs) is for
-            a fixed-shape exported graph (ONNX), which cannot take another input size.
-
-    The validator fuses Conv+BN in the model it is given (and a LoRA'd model's fuse merges the
-    adapters first), so an ``nn.Module`` is validated as a deep copy: the caller's model is untouched.
-    """
-    import copy
-
-    from lorafit.integrations.ultralytics import configure_offline
-
-    configure_offline()
-    from ultralytics.models.yolo.detect import DetectionValidator
-
-    if not isinstance(model, (str, Path)):
-        model = copy.deepcopy(model)
-    args = dict(data=str(data_yaml), imgsz=imgsz, batch=batch, device=device, plots=False, verbose=False,
-                split="val", save_json=False, rect=rect, workers=0)
-    return rename_metrics(DetectionValidator(args=args)(model=model))
-
-
-class Task(DetectReload):
+class Task(DetectReload, base.Task):
     """``--task detect``: see the module docstring. The task runs its own loop (:meth:`run`)."""
 
     name = "detect"
     primary_metric = "eval_mAP50-95"
     greater_is_better = True
     owns_loop = True
+    DEFAULTS = DEFAULTS
+    OPTIONS = OPTIONS
+    NOT_APPLICABLE = NOT_APPLICABLE
 
     def __init__(self, opts: dict[str, Any]):
         self.opts = opts
@@ -121,8 +100,6 @@ class Task(DetectReload):
 
     def load_data(self) -> dict:
         """Check data.yaml and every label; raises LorafitError naming the bad file."""
-        from lorafit.datasets.yolo_format import check_detect_data
-
         self.data = check_detect_data(self.opts["data"])
         return self.data
 
@@ -141,8 +118,6 @@ class Task(DetectReload):
         Raises:
             LorafitError (Interrupted, TrainingDiverged): reported by the CLI.
         """
-        from lorafit.train import distributed
-
         wall0 = time.perf_counter()
         dist = distributed.setup(self.opts.get("device", "auto"))
         try:
@@ -155,13 +130,6 @@ class Task(DetectReload):
             dist.close()
 
     def _run(self, say, dist, resume, wall0: float) -> dict[str, Any]:
-        import yaml
-
-        from lorafit.datasets.yolo_format import write_normalised_yaml
-        from lorafit.integrations.ultralytics import configure_offline
-        from lorafit.common.files import write_json, write_text
-        from lorafit.train.checkpoint import CHECKPOINT, load_checkpoint
-
         opts = self.opts
         self.load_data()
         configure_offline()
@@ -185,7 +153,7 @@ class Task(DetectReload):
         dist.barrier()
         data_yaml = run_dir / "data.yaml"
         device = ultralytics_device_of(dist.device)
-        imgsz = int(opts.get("imgsz") or DEFAULTS["imgsz"])
+        imgsz = int(opts.get("imgsz") or DEFAULT_IMGSZ)
         what = "full fine-tuning" if opts.get("full_finetune") else f"LoRA r={opts['rank']} alpha={opts['alpha']:g}"
         procs = f" on {dist.world} processes" if dist.enabled else ""
         say(f"lorafit train: detect on {self.model_path} ({what}), {self.describe()}{procs}")
@@ -235,9 +203,6 @@ class Task(DetectReload):
         n = self.opts.get("max_samples")
         if not n:
             return None
-        from lorafit.datasets.yolo_format import _images, check_label_file, label_path
-        from lorafit.train.data import take_samples
-
         images = _images(self.data["train"], Path(self.data["path"]), "train", Path(self.opts["data"]))
         chosen = sorted(take_samples(images, n, self.opts["seed"]))
         self.data["train"] = [str(run_dir / "train_subset.txt")]
@@ -247,7 +212,7 @@ class Task(DetectReload):
 
     def _train(self, data_yaml: Path, imgsz: int, device: str, run_dir: Path, log, dist, state):
         """Map the options onto Ultralytics' args and :class:`JobControls`, then train (see docs/vision.md)."""
-        from lorafit.integrations.yolo_state import JobControls, read_results, StopOnSignals
+        # lazy: imports ultralytics (optional extra lorafit[yolo]), after configure_offline
         from lorafit.integrations.yolo_trainer import LoraDetectionTrainer, ultralytics_overrides
 
         o = self.opts
@@ -281,8 +246,6 @@ class Task(DetectReload):
         holder["trainer"] = trainer
         dist.barrier()  # every rank's trainer unlinked results.csv (no Ultralytics resume) before it is restored
         if kept and dist.is_main:
-            from lorafit.common.files import write_text
-
             write_text(trainer.csv, kept)
         if log is not None:
             trainer.add_callback("on_fit_epoch_end", log.on_epoch)
@@ -295,8 +258,6 @@ class Task(DetectReload):
         return trainer
 
     def _save_output(self, trainer, directory: Path) -> None:
-        from lorafit.common.files import replace_dir, write_json
-
         def build(tmp: Path) -> None:
             if self.opts.get("full_finetune"):
                 shutil.copyfile(trainer.best if trainer.best.exists() else trainer.last, tmp / "model.pt")
@@ -308,7 +269,7 @@ class Task(DetectReload):
 
     def job_info(self) -> dict[str, Any]:
         return {"task": self.name, "model": self.model_path, "data": str(self.opts["data"]),
-                "imgsz": int(self.opts.get("imgsz") or DEFAULTS["imgsz"]), "nc": self.data["nc"],
+                "imgsz": int(self.opts.get("imgsz") or DEFAULT_IMGSZ), "nc": self.data["nc"],
                 "names": self.data["names"]}
 
 
@@ -321,8 +282,6 @@ class _EpochLog:
     """
 
     def __init__(self, run_dir: Path, epochs: int, log_every: int, say, resume_epoch: int | None = None):
-        from lorafit.train.progress import MetricsLog
-
         self.run_dir = run_dir
         self.say = say
         self.every = log_every or max(1, epochs // 20)
@@ -346,24 +305,19 @@ class _EpochLog:
             self.say(line)
 
     def close(self) -> None:
-        from lorafit.train.progress import plot_loss
-
         self.log.close()
         if self.log.records:
             plot_loss(self.log.records, self.run_dir / "loss.png", title="detect: loss per epoch")
 
 
 def _count(trainer) -> tuple[int, int]:
-    """(trainable, total) parameters of the trained model, not counting a modules_to_save original."""
+    """(trainable, total) parameters of the trained (EMA) model, not counting a modules_to_save original.
+
+    The EMA copy's ``requires_grad`` flags are off, so the trained names come from the trainer."""
     model = trainer.ema.ema if trainer.ema else trainer.model
-    trainable = total = 0
-    for name, p in model.named_parameters():
-        if ".original_module." in f".{name}":
-            continue
-        total += p.numel()
-        if getattr(trainer, "lora_config", None) is None or name in getattr(trainer, "_trainable", ()):
-            trainable += p.numel()
-    return trainable, total
+    full = getattr(trainer, "lora_config", None) is None
+    names = getattr(trainer, "_trainable", ())
+    return count_parameters(model, originals=False, trainable=lambda name, _p: full or name in names)
 
 
 def _base_bytes(model_path: str, base_params: int) -> int:

@@ -24,15 +24,25 @@ saved with the adapter (``modules_to_save``). The chosen preset is written back 
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
-from lorafit.tasks import LabelFiles
+import lorafit
 from lorafit.common.errors import LorafitError
+from lorafit.common.files import read_json
+from lorafit.tasks import ExportPair, LabelFiles, LoopTask
+from lorafit.tasks.base import load_checked, run_seed
+from lorafit.train.data import take_samples
+from lorafit.train.options import parse_targets
 
 DEFAULTS = {"model": "timm:vit_tiny_patch16_224", "targets": "auto", "batch_size": 32, "lr_lora": 2e-3,
             "lr_full": 1e-4, "imgsz": 224, "eval_batch_size": 64}
@@ -62,14 +72,14 @@ def create_model(spec: str, num_classes: int, imgsz: int) -> nn.Module:
     lib, name, ckpt = parse_model_spec(spec)
     try:
         if lib == "timm":
-            import timm
+            import timm  # lazy: optional extra lorafit[vision]
 
             try:
                 model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=imgsz)
             except TypeError:  # CNNs take any size and no img_size argument
                 model = timm.create_model(name, pretrained=False, num_classes=num_classes)
         else:
-            import torchvision
+            import torchvision  # lazy: optional extra lorafit[vision]
 
             try:
                 model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, image_size=imgsz)
@@ -88,8 +98,6 @@ def load_local_weights(model: nn.Module, path: Path, head: str) -> None:
         raise LorafitError(f"{path}: checkpoint file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -117,8 +125,6 @@ def preset_targets(model: nn.Module, text: str, head: str) -> str | list[str]:
     """``--targets`` -> what LoraConfig takes; presets become one explicit regex."""
     words = [w.strip() for w in str(text).split(",") if w.strip()]
     if not words or not all(w in PRESET_WORDS for w in words):
-        from lorafit.train.options import parse_targets
-
         return parse_targets(text)
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     has_qkv = any(n.endswith(".attn.qkv") for n, _ in model.named_modules())
@@ -166,8 +172,7 @@ def scan_image_folder(directory, classes: list[str] | None = None) -> tuple[list
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """RGB image -> normalised float tensor [3, size, size]."""
-    import numpy as np
-    from PIL import Image
+    from PIL import Image  # lazy: PIL is needed only to read images
 
     try:
         with Image.open(path) as im:
@@ -200,8 +205,6 @@ def saved_model_spec(model: str) -> tuple[str, str]:
     spec it was built from), so it is rebuilt as ``<that spec>@DIR/model.safetensors``: the same
     architecture with the saved weights. Returns (the base spec to record, the spec to build).
     """
-    import json
-
     d = Path(model)
     if not d.is_dir():
         return model, model
@@ -219,14 +222,17 @@ def saved_model_spec(model: str) -> tuple[str, str]:
     return base, f"{lib}:{name}@{weights}"
 
 
-class Task(LabelFiles):
-    """See :mod:`lorafit.tasks` for the interface."""
+class Task(LabelFiles, LoopTask):
+    """``--task image-classification`` (see :class:`lorafit.tasks.base.Task` for the contract)."""
 
     labels_needed_by = "an image-classification adapter"
 
     name = "image-classification"
     primary_metric = "eval_accuracy"
     greater_is_better = True
+    DEFAULTS = DEFAULTS
+    NOT_APPLICABLE = NOT_APPLICABLE
+    exports = True
 
     def __init__(self, opts: dict[str, Any]):
         self.opts = opts
@@ -241,8 +247,6 @@ class Task(LabelFiles):
     def load_data(self):
         if not self.opts.get("train"):
             raise LorafitError("--train is required for image-classification (an ImageFolder directory)")
-        from lorafit.train.data import take_samples
-
         self.labels, train = scan_image_folder(self.opts["train"])
         if len(self.labels) < 2:
             raise LorafitError(f"{self.opts['train']}: needs at least 2 class sub-directories")
@@ -307,8 +311,6 @@ class Task(LabelFiles):
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """``model.safetensors`` (the whole state dict) plus labels and job info."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -316,3 +318,43 @@ class Task(LabelFiles):
         self.save_extras(directory)
 
     export_merged = save_full
+
+    # --------------------------------------------------------------- export
+    @classmethod
+    def recognizes_model(cls, spec: str) -> bool:
+        return str(spec).startswith(("timm:", "torchvision:"))
+
+    @classmethod
+    def load_for_export(cls, model_spec: str, adapter_dir: Path, imgsz: int | None) -> ExportPair:
+        job = read_json(adapter_dir / "lorafit_job.json")
+        labels = read_json(adapter_dir / "labels.json")
+        if not labels:
+            raise LorafitError(f"{adapter_dir / 'labels.json'}: missing (an image-classification adapter needs it)")
+        imgsz = int(imgsz or job.get("imgsz") or 224)
+        torch.manual_seed(run_seed(adapter_dir))
+        base = create_model(model_spec, len(labels), int(job.get("imgsz") or imgsz)).eval()
+        lora = load_checked(lambda: lorafit.load_adapter(deepcopy(base), adapter_dir), adapter_dir).eval()
+        merged = lorafit.merge_and_unload(deepcopy(lora)).eval()
+        metadata = {"description": "lorafit merged image classifier", "task": "classify", "imgsz": [imgsz, imgsz],
+                    "names": dict(enumerate(labels))}
+        return ExportPair(cls.name, base, lora, merged, imgsz, metadata, {"labels": labels}, same_ops=True)
+
+    @classmethod
+    def calibration_inputs(cls, data, imgsz: int, limit: int = 32) -> list[np.ndarray]:
+        """Every n-th image of the ImageFolder ``data`` (up to ``limit``), preprocessed as in training."""
+        _, rows = scan_image_folder(data)
+        step = max(1, len(rows) // limit)
+        return [load_image(p, imgsz)[None].numpy() for p, _ in rows[::step][:limit]]
+
+    @classmethod
+    def evaluate_export(cls, path: Path, predict: Callable[[torch.Tensor], np.ndarray], data, imgsz: int,
+                        labels: list | None = None) -> dict[str, float]:
+        """Accuracy of the exported model on the ImageFolder ``data``."""
+        _, rows = scan_image_folder(data, labels)
+        correct = 0
+        for i in range(0, len(rows), 32):
+            chunk = rows[i: i + 32]
+            x = torch.stack([load_image(p, imgsz) for p, _ in chunk])
+            pred = predict(x).argmax(-1)
+            correct += int((pred == np.array([y for _, y in chunk])).sum())
+        return {"eval_accuracy": correct / max(len(rows), 1)}

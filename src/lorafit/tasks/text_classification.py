@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
-from lorafit.tasks import LabelFiles, TextModel, checkpoint_activations
-from lorafit.train.data import Table, read_table, take_samples
 from lorafit.common.errors import LorafitError
+from lorafit.data import DEFAULT_EVAL, DEFAULT_TRAIN
+from lorafit.tasks import LabelFiles, LoopTask, TextModel, checkpoint_activations
+from lorafit.train.data import Table, read_table, take_samples
 
 DEFAULTS = {
     "model": "minilm",
@@ -98,14 +100,16 @@ def sort_labels(keys: set) -> list:
     return sorted(str(k) for k in keys)
 
 
-class Task(TextModel, LabelFiles):
-    """See :mod:`lorafit.tasks` for the interface."""
+class Task(TextModel, LabelFiles, LoopTask):
+    """``--task text-classification`` (see :class:`lorafit.tasks.base.Task` for the contract)."""
 
     labels_needed_by = "a text-classification adapter or model"
 
     name = "text-classification"
     primary_metric = "eval_accuracy"
     greater_is_better = True
+    DEFAULTS = DEFAULTS
+    NOT_APPLICABLE = NOT_APPLICABLE
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)
@@ -134,8 +138,6 @@ class Task(TextModel, LabelFiles):
         return list(zip(ids, labels))
 
     def load_data(self) -> tuple[list, list]:
-        from lorafit.data import DEFAULT_EVAL, DEFAULT_TRAIN
-
         train_path, eval_path = self.opts["train"], self.opts["eval"]
         if train_path is None:  # the embedded default, with its own eval split
             train_path, eval_path = DEFAULT_TRAIN, eval_path or DEFAULT_EVAL
@@ -201,14 +203,12 @@ class Task(TextModel, LabelFiles):
 
     # ----------------------------------------------------------------- model
     def build_model(self) -> nn.Module:
-        from transformers import AutoModel
+        from transformers import AutoModel  # lazy: seconds to import; `lorafit train --help` imports every task
 
         encoder = AutoModel.from_pretrained(self.model_path, dtype=torch.float32)
         model = Classifier(encoder, len(self.labels))
         head = Path(self.model_path) / HEAD_FILE
         if head.is_file():  # a merged or fully fine-tuned classifier directory
-            from safetensors.torch import load_file
-
             model.head.load_state_dict(load_file(head))
         return model
 
@@ -264,8 +264,6 @@ class Task(TextModel, LabelFiles):
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """A directory ``AutoModel.from_pretrained`` loads (the encoder), plus ``head.safetensors``."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         model.encoder.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)

@@ -1,26 +1,16 @@
-"""The fine-tuning job behind ``lorafit train``: options, data, loop, checkpoints, processes.
+"""The training engine: the loop, its checkpoint, data readers, processes, option values, progress.
 
-Programmatic use::
+:class:`Trainer` trains any :class:`~lorafit.train.trainable.Trainable` (see ``benchmarks/sst2.py``).
+The job around it (``lorafit train``: options, run directory, summary) is :mod:`lorafit.jobs`::
 
-    from lorafit.train import run_train
+    from lorafit.jobs import run_train
     metrics = run_train({"max_samples": 500, "out": "runs/demo"})   # any `lorafit train` option
 
-or build the pieces yourself with :class:`Trainer` (see ``benchmarks/sst2.py``).
+Nothing here knows a task by name: the engine imports no task, job or export module.
 """
 
 from lorafit.common.errors import Interrupted, LorafitError, TrainingDiverged
+from lorafit.train.loop import Trainer
+from lorafit.train.trainable import Trainable
 
-__all__ = ["Interrupted", "LorafitError", "Trainer", "TrainingDiverged", "run_train"]
-
-
-def __getattr__(name):
-    # the loop and the job import torch/transformers; keep `lorafit.common.errors` importable cheaply
-    if name == "Trainer":
-        from lorafit.train.loop import Trainer
-
-        return Trainer
-    if name == "run_train":
-        from lorafit.train.job import run_train
-
-        return run_train
-    raise AttributeError(f"module 'lorafit.train' has no attribute {name!r}")
+__all__ = ["Interrupted", "LorafitError", "Trainable", "Trainer", "TrainingDiverged"]

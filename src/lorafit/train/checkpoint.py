@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorafit.common.errors import LorafitError
@@ -23,8 +24,6 @@ CHECKPOINT = "checkpoint.pt"
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states, as tensors and plain values only (``weights_only``-loadable)."""
-    import numpy as np
-
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -38,8 +37,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
-    import numpy as np
-
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, *rest = state["numpy"]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from lorafit.common.errors import LorafitError
+
 
 @dataclasses.dataclass
 class Dist:
@@ -104,8 +106,6 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from lorafit.common.errors import LorafitError
-
         raise LorafitError("--device cuda: no CUDA device is available")
     return torch.device("cuda", local_rank)
 

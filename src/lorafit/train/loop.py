@@ -6,8 +6,8 @@ global batch is cut into ``grad_accum * processes`` contiguous chunks; process `
 ``m * processes + r``. The position in the data is therefore just the step counter, which makes
 resume exact, and one process with batch 2B sees the same rows per step as two with batch B.
 
-The task supplies the model-specific parts (see :mod:`lorafit.tasks`): ``collate``, ``count``
-(how many loss items a batch holds), ``loss_sum`` (the summed, not averaged, loss) and
+The task supplies the model-specific parts (:class:`~lorafit.train.trainable.Trainable`):
+``collate``, ``count`` (how many loss items a batch holds), ``loss_sum`` (the summed, not averaged, loss) and
 ``evaluate``. Dividing summed losses by the global item count of the step is what makes
 gradient accumulation and several processes exact for token-level losses too.
 """
@@ -31,6 +31,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
 from lorafit.common.errors import Interrupted, LorafitError, TrainingDiverged
 from lorafit.train.progress import MetricsLog, Progress, plot_loss
+from lorafit.train.trainable import Trainable
 
 
 def lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
@@ -69,8 +70,7 @@ class Trainer:
 
     Args:
         model: the model with its trainable parameters marked (adapter + head, or everything).
-        task: the task object (``collate``, ``count``, ``loss_sum``, ``evaluate``,
-            ``primary_metric``, ``greater_is_better``; optional ``num_tokens``).
+        task: what the loop trains (:class:`~lorafit.train.trainable.Trainable`).
         train_rows / eval_rows: examples as the task's ``collate`` and ``evaluate`` expect.
         opts: resolved options (see :mod:`lorafit.train.options`).
         dist: the process group.
@@ -83,7 +83,7 @@ class Trainer:
     def __init__(
         self,
         model,
-        task,
+        task: Trainable,
         train_rows: list,
         eval_rows: list | None,
         opts: dict[str, Any],
@@ -218,7 +218,7 @@ class Trainer:
         """One optimizer step on this rank's chunks; returns (global mean loss, global tokens)."""
         batches = [self.task.collate([self.train_rows[i] for i in c]) for c in chunks if c]
         counts = [float(self.task.count(b)) for b in batches]
-        tokens = sum(float(getattr(self.task, "num_tokens", self.task.count)(b)) for b in batches)
+        tokens = sum(float(self.task.num_tokens(b)) for b in batches)
         total = self.dist.all_reduce_sum(torch.tensor([sum(counts), tokens], dtype=torch.float64))
         global_count, global_tokens = max(float(total[0]), 1.0), float(total[1])
         loss_sum = 0.0

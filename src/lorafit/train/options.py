@@ -1,24 +1,20 @@
-"""The ``lorafit train`` flags: one table drives argparse, ``--config`` files and validation.
+"""The ``lorafit train`` options: one table (:data:`OPTIONS`) and the rules for their values.
 
 Every option can come from three layers, lowest first: built-in and task defaults, the
-``config.yaml`` of a run being resumed, a ``--config FILE.yaml``, then command-line flags. Flags
-win. Argparse only collects strings (its defaults are suppressed so we know what was typed);
-``coerce`` converts and checks values from every layer with the same rules, so a bad value in a
-YAML file and a bad flag give the same one-line error naming where the value came from.
+``config.yaml`` of a run being resumed, a ``--config FILE.yaml``, then command-line flags
+(merged by :func:`lorafit.jobs.options.resolve`). ``coerce`` converts and checks values from
+every layer with the same rules, so a bad value in a YAML file and a bad flag give the same
+one-line error naming where the value came from. A task adds its own :class:`Option` s.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from lorafit.common.errors import LorafitError
-from lorafit.train.input_checks import refuse_adapter_options, yaml_error_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +233,6 @@ OPTIONS: list[Option] = [
     ),
 ]
 
-GROUP_TITLES = {"job": "job", "data": "data", "lora": "adapter", "training": "training", "output": "output"}
-
 
 def coerce(opt: Option, value: Any, source: str) -> Any:
     """Convert ``value`` to the option's type and check its bounds and choices.
@@ -296,126 +290,6 @@ def coerce(opt: Option, value: Any, source: str) -> Any:
     return value
 
 
-# A negative number, exponent included. argparse's own pattern (``-1``, ``-.5``) misses ``-1e-3``,
-# so ``--lr -1e-3`` was "expected one argument" instead of reaching coerce's range check.
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def add_arguments(parser: argparse.ArgumentParser, options: list[Option]) -> None:
-    """Add ``options`` to ``parser`` with suppressed defaults (so only typed flags appear).
-
-    Negative numbers are taken as values (``--lr -1e-3``), so that coerce names the range. No
-    option of ours looks like a number, which is the condition argparse itself uses to allow it.
-    """
-    parser._negative_number_matcher = NEGATIVE_NUMBER  # private, but stable since Python 3.2
-    groups: dict[str, Any] = {}
-    for opt in options:
-        group = groups.get(opt.group)
-        if group is None:
-            group = groups[opt.group] = parser.add_argument_group(GROUP_TITLES.get(opt.group, opt.group))
-        default_text = "" if opt.default is None or opt.kind == "bool" else f" [{opt.default}]"
-        kwargs: dict[str, Any] = {
-            "dest": opt.key,
-            "default": argparse.SUPPRESS,
-            "help": opt.help + default_text,
-        }
-        if opt.kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif opt.kind == "optional-path":
-            kwargs.update(nargs="?", const=True, metavar=opt.metavar or "DIR")
-        else:
-            kwargs["metavar"] = (
-                opt.metavar or (opt.choices and "{" + ",".join(opt.choices) + "}") or opt.key.upper()
-            )
-        group.add_argument("--" + opt.name, **kwargs)
-
-
-def load_yaml(path: str | Path, options: list[Option]) -> dict[str, Any]:
-    """Read a YAML mapping of option values; keys may use - or _. Values are coerced.
-
-    Raises:
-        LorafitError: missing or unreadable file, not a mapping, unknown key or bad value.
-    """
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LorafitError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LorafitError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise LorafitError(yaml_error_line(path, text, exc)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LorafitError(f"{path}: expected a mapping of option: value")
-    by_key = {o.key: o for o in options}
-    out = {}
-    for raw_key, value in data.items():
-        key = str(raw_key).replace("-", "_")
-        if key not in by_key:
-            raise LorafitError(f"{path}: unknown option {raw_key!r}")
-        if key in ("config", "resume"):
-            continue
-        out[key] = coerce(by_key[key], value, f"{path}: {raw_key}")
-    return out
-
-
-def user_keys(flags: dict[str, Any], options: list[Option]) -> set[str]:
-    """The option keys the user set: typed flags plus the keys of a ``--config`` file."""
-    given = {k for k, v in flags.items() if v is not None and k not in ("config", "resume")}
-    if flags.get("config"):
-        given |= set(load_yaml(flags["config"], options))
-    return given
-
-
-def resolve(
-    flags: dict[str, Any],
-    options: list[Option],
-    task_defaults: Callable[[str], dict],
-    base: dict[str, Any] | None = None,
-    base_source: str = "",
-) -> dict[str, Any]:
-    """Merge the layers into one complete option dict (every option key present).
-
-    Args:
-        flags: the options typed on the command line (raw strings / bools).
-        options: the option table (common and task-specific).
-        task_defaults: task name -> that task's defaults (raises LorafitError for an unknown task).
-        base: values from a resumed run's config.yaml (already coerced), lowest user layer.
-        base_source: label of ``base`` for messages.
-
-    Returns:
-        The resolved options. ``alpha`` defaults to 2 x rank; ``lr`` and ``batch_size`` come from the
-        task defaults when unset (they depend on ``full_finetune``).
-    """
-    by_key = {o.key: o for o in options}
-    typed = {k: coerce(by_key[k], v, "--" + by_key[k].name) for k, v in flags.items()}
-    layers = [dict(base or {})]
-    from_config = load_yaml(typed["config"], options) if typed.get("config") else {}
-    layers += [from_config, typed]
-    user: dict[str, Any] = {}
-    for layer in layers:
-        user.update(layer)
-    refuse_adapter_options(user, typed, from_config, typed.get("config"))
-    task = user.get("task") or by_key["task"].default
-    merged = {o.key: o.default for o in options}
-    merged.update(task_defaults(task))
-    merged.update(user)
-    merged["task"] = task
-    if merged.get("alpha") is None:
-        merged["alpha"] = 2.0 * merged["rank"]
-    if merged.get("lr") is None:
-        merged["lr"] = merged["lr_full"] if merged["full_finetune"] else merged["lr_lora"]
-    merged.pop("lr_full", None)
-    merged.pop("lr_lora", None)
-    return merged
-
-
 def parse_targets(text: str) -> str | list[str]:
     """``--targets`` value -> what ``LoraConfig(target_modules=...)`` takes.
 
@@ -423,8 +297,6 @@ def parse_targets(text: str) -> str | list[str]:
     (full match on module names); otherwise a comma list of names or dotted suffixes. A dot alone
     does not make a regex, so ``attention.self.query`` stays a suffix.
     """
-    import re
-
     text = text.strip()
     if text == "all-linear":
         return text

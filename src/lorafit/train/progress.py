@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from lorafit.common.files import atomic_write, write_text
 
 
 def fmt_duration(seconds: float) -> str:
@@ -62,8 +65,6 @@ class Progress:
         self.start_step, self.t0 = start, time.perf_counter()
         self.bar = None
         if enabled and self.tty:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(
                 total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout
             )
@@ -124,8 +125,6 @@ class MetricsLog:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= resume_step:
                     self.records.append(rec)
-        from lorafit.common.files import write_text
-
         write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
 
@@ -142,12 +141,11 @@ class MetricsLog:
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Write ``loss.png``: training loss per step, eval loss as points (atomic write)."""
+    # lazy: matplotlib costs about a second; `lorafit info` and `train --help` import this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lorafit.common.files import atomic_write
+    import matplotlib.pyplot as plt  # lazy: as above, after choosing the Agg backend
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval" and "eval_loss" in r]
