@@ -203,6 +203,21 @@ def test_dora_norm_not_recomputed_until_weights_change():
     assert n2 is not n1 and not torch.allclose(n1, n2)
 
 
+@pytest.mark.parametrize("changed", ["A", "B", "W"])
+def test_dora_norm_cache_follows_in_place_changes(changed):
+    """The cached ||W + s B A|| (and the cached ||W||^2 inside it) is recomputed after an in-place change of
+    any of W, A or B (an optimizer step, a loaded state dict) and equals the dense norm again."""
+    model = _dora(Wrap(nn.Linear(8, 6)))
+    lay, ad = model.layer, model.layer.adapters["default"]
+    tensor = {"A": ad.lora_A, "B": ad.lora_B, "W": lay.base_layer.weight}[changed]
+    n1 = ad.variant.weight_norm(lay, ad)
+    with torch.no_grad():
+        tensor.mul_(1.5).add_(0.25)
+    dense = (lay.base_layer.weight.double() + lay.delta_weight(ad).double()).norm(dim=1)
+    assert not torch.allclose(n1.double(), dense, rtol=1e-3)  # the change moved the norm
+    torch.testing.assert_close(ad.variant.weight_norm(lay, ad).double(), dense, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_dora(tmp_path):
     mha = Wrap(nn.MultiheadAttention(8, 2))
     before = copy.deepcopy(mha.state_dict())
