@@ -8,19 +8,17 @@
     python scripts/mutation_check.py --tests tests/property   # what the property layer alone catches
 
 Each mutant is an exact string replacement in one source file; the script refuses to run if a
-mutant's text does not occur exactly once (the source changed: update the mutant). The work is
-done on a throw-away copy of the working tree (src/, tests/, ...; PYTHONPATH points the tests at
-the copy's src/), so other work in the checkout never sees a mutated file; the mutated file is
+mutant's text does not occur exactly once, or a test path it names is gone (update the mutant).
+The work is done on a throw-away copy of the working tree (PYTHONPATH points the tests at the
+copy's src/), so other work in the checkout never sees a mutated file; the mutated file is
 restored in a ``finally`` anyway, also on Ctrl-C / SIGTERM. For each mutant only the tests that
 matter run, in order, with ``pytest -x``: the first failure is "the test that caught it". The
-catching tests are then re-run once on the unmutated copy: a test that fails without the fault
-proves nothing, and its mutant counts as not caught.
+catching tests are re-run on the unmutated copy: one that fails without the fault proves nothing.
 
-Exit status: 0 when every mutant that can be tested here is caught; 1 when one is not (or a
-catching test also fails without the fault); 2 when a mutant no longer applies. A mutant whose
-tests need something missing here (triton) is reported as "not testable here" and fails the
-run only with --strict. Not run in CI (it runs the same tests many times); run it before a
-submission.
+Exit status: 0 when every mutant testable here is caught; 1 when one is not (or its catching test
+also fails without the fault); 2 when a mutant no longer applies. A mutant whose tests need
+something missing here (triton) is "not testable here", a failure only with --strict. Not run in
+CI (it runs the same tests many times); run it before a submission.
 """
 
 from __future__ import annotations
@@ -129,6 +127,9 @@ MUTANTS = [
       "return (-1, 1) if self.fan_in_fan_out else (1, -1)", DORA),
     m("dora_norm_cross_term", D, "sq = w_sq + 2 * scaling * cross + scaling * scaling * low",
       "sq = w_sq + scaling * cross + scaling * scaling * low", DORA),
+    m("dora_norm_cache_ignores_A", D, "key = (id(w), w._version, a._version, b._version, float(s), w.device,",
+      "key = (id(w), w._version, b._version, float(s), w.device,", DORA),
+    m("dora_weight_sq_cache_stale", D, "sq_key = key[:2]", "sq_key = key[:1]", DORA),
     m("dora_conv_padding_mode", C, "z = self.conv_a(x, base.weight, base.groups)  # the base conv without its bias",
       "z = self._fn(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)", DORA),
     # NF4 block mapping: torch path and Triton kernel
@@ -151,6 +152,8 @@ MUTANTS = [
       "xa = torch.bmm(x3, a_stack[rows.roll(1)].transpose(1, 2))", BATCH),
     m("batch_conv_scaling_dropped", C, "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(",
       "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype)).view(", BATCH),
+    m("batch_stack_cache_stale", "src/lorafit/layers/batched.py", "if hit is not None and hit[0] == versions and",
+      "if hit is not None and", BATCH),
     # the layer loop of set_adapter is tree.activate now (inject's re-activation goes through it too)
     m("set_adapter_first_only", "src/lorafit/tree.py", "layer.set_active(names)", "layer.set_active(names[:1])",
       BATCH + CORE),
@@ -258,11 +261,9 @@ def check_applies(mutants, dest: Path, tests: list[str] | None = None) -> list[s
         path = dest / mu.file
         n = path.read_text().count(mu.old) if path.is_file() else 0
         if n != 1:
-            problems.append(f"{mu.name}: {mu.file} contains the mutant's text {n} times (need exactly 1): "
-                            f"{mu.old!r}")
-        gone = [t for t in dict.fromkeys(tests or mu.tests) if not (dest / t.split("::")[0]).exists()]
-        if gone:
-            problems.append(f"{mu.name}: no test path {', '.join(gone)}")
+            problems.append(f"{mu.name}: {mu.file} contains the mutant's text {n} times (need 1): {mu.old!r}")
+        problems += [f"{mu.name}: no test path {t}" for t in dict.fromkeys(tests or mu.tests)
+                     if not (dest / t.split("::")[0]).exists()]
     return problems
 
 
@@ -335,8 +336,7 @@ def main(argv=None) -> int:
         problems = check_applies(mutants, copies[0][1], args.tests)
         if problems:
             print("mutation_check: these mutants no longer apply; update them in scripts/mutation_check.py "
-                  "(or the --tests paths):",
-                  *problems, sep="\n  ", file=sys.stderr)
+                  "(or the --tests paths):", *problems, sep="\n  ", file=sys.stderr)
             return 2
         for _, dest in copies:
             env = test_env(dest)
