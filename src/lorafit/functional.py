@@ -26,54 +26,85 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _linear_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling):
+    """(y, xa): ``y = x W^T + b + s (x_l A^T) B^T`` with the LoRA term added in place; xa = x_l A^T [T, r]."""
+    dtype = x.dtype
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    y = F.linear(x, weight.to(dtype) if weight.dtype != dtype else weight, None if bias is None else bias.to(dtype))
+    xa = _flat(x_lora) @ a.t()  # [T, r]
+    _flat(y).addmm_(xa, b.t(), alpha=scaling)
+    return y, xa
+
+
+def _linear_backward(ctx, grad_y, x, x_lora, xa, weight, lora_a, lora_b, need_x, need_xl, need_w, need_bias,
+                     need_a, need_b):
+    """Gradients of `_linear_forward`; with ``x_lora is x`` dX is one buffer (dY W + s (dY B) A)."""
+    s = ctx.scaling
+    dtype = grad_y.dtype
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    gy = _flat(grad_y)
+    gyb = gy @ b  # [T, r]
+    grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = None
+    same = x_lora is None
+    if need_x or need_xl:
+        if same:
+            gx = gy @ weight.to(dtype)
+            gx.addmm_(gyb, a, alpha=s)
+            grad_x = gx.view(*grad_y.shape[:-1], gx.shape[-1])
+        else:
+            if need_x:
+                grad_x = (gy @ weight.to(dtype)).view(*grad_y.shape[:-1], weight.shape[1])
+            if need_xl:
+                grad_xl = torch.mm(gyb, a).mul_(s).view(*grad_y.shape[:-1], a.shape[1])
+    x_l = x if same else x_lora
+    if need_a:
+        grad_a = torch.mm(gyb.t(), _flat(x_l)).mul_(s).to(lora_a.dtype)
+    if need_b:
+        grad_b = torch.mm(gy.t(), xa).mul_(s).to(lora_b.dtype)
+    if need_w:
+        grad_w = torch.mm(gy.t(), _flat(x)).to(weight.dtype)
+    if need_bias and ctx.has_bias:
+        grad_bias = gy.sum(0).to(dtype)
+    return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b
+
+
 class _LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + b + s (x_l A^T) B^T where x_l is x (or its dropout)."""
+    """y = x W^T + b + s (x A^T) B^T (no adapter dropout: x is read once and saved once)."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
-        dtype = x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        y = F.linear(x, weight.to(dtype) if weight.dtype != dtype else weight, None if bias is None else bias.to(dtype))
-        y2 = _flat(y)
-        xa = _flat(x_lora) @ a.t()  # [T, r]
-        y2.addmm_(xa, b.t(), alpha=scaling)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        ctx.same_input = x_lora is x
-        save_x = x if (weight.requires_grad and not ctx.same_input) else None
-        ctx.save_for_backward(x_lora, xa, weight, lora_a, lora_b, save_x)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        y, xa = _linear_forward(x, x, weight, bias, lora_a, lora_b, scaling)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.save_for_backward(x, xa, weight, lora_a, lora_b)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_lora, xa, weight, lora_a, lora_b, save_x = ctx.saved_tensors
-        s = ctx.scaling
-        dtype = grad_y.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        gy = _flat(grad_y)
-        gyb = gy @ b  # [T, r]
-        grad_x = grad_xl = grad_w = grad_bias = grad_a = grad_b = None
+        x, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        gx, _, gw, gb, ga, gbb = _linear_backward(ctx, grad_y, x, None, xa, weight, lora_a, lora_b, need_x, False,
+                                                  need_w, need_bias, need_a, need_b)
+        return gx, gw, gb, ga, gbb, None
+
+
+class _LoraLinearDropoutFn(torch.autograd.Function):
+    """y = x W^T + b + s (x_l A^T) B^T with x_l = dropout(x), a separate tensor (saved instead of x
+    unless W itself needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
+        y, xa = _linear_forward(x, x_lora, weight, bias, lora_a, lora_b, scaling)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.save_for_backward(x if weight.requires_grad else None, x_lora, xa, weight, lora_a, lora_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, x_lora, xa, weight, lora_a, lora_b = ctx.saved_tensors
         need_x, need_xl, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        if need_x or need_xl:
-            if ctx.same_input:
-                gx = gy @ weight.to(dtype)
-                gx.addmm_(gyb, a, alpha=s)
-                grad_x = gx.view(*grad_y.shape[:-1], gx.shape[-1])
-            else:
-                if need_x:
-                    grad_x = (gy @ weight.to(dtype)).view(*grad_y.shape[:-1], weight.shape[1])
-                if need_xl:
-                    grad_xl = torch.mm(gyb, a).mul_(s).view(*grad_y.shape[:-1], a.shape[1])
-        if need_a:
-            grad_a = torch.mm(gyb.t(), _flat(x_lora)).mul_(s).to(lora_a.dtype)
-        if need_b:
-            grad_b = torch.mm(gy.t(), xa).mul_(s).to(lora_b.dtype)
-        if need_w:
-            x_full = x_lora if save_x is None else save_x
-            grad_w = torch.mm(gy.t(), _flat(x_full)).to(weight.dtype)
-        if need_bias and ctx.has_bias:
-            grad_bias = gy.sum(0).to(dtype)
-        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None
+        grads = _linear_backward(ctx, grad_y, x, x_lora, xa, weight, lora_a, lora_b, need_x, need_xl, need_w,
+                                 need_bias, need_a, need_b)
+        return (*grads, None)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -97,8 +128,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x = x.to(torch.get_autocast_dtype(dev))
         with torch.autocast(dev, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout, training)
-    x_lora = F.dropout(x, dropout, True) if (dropout > 0 and training) else x
-    return _LoraLinearFn.apply(x, x_lora, weight, bias, lora_a, lora_b, scaling)
+    if dropout > 0 and training:
+        return _LoraLinearDropoutFn.apply(x, F.dropout(x, dropout, True), weight, bias, lora_a, lora_b, scaling)
+    return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
 class _LoraAddFn(torch.autograd.Function):
@@ -147,6 +179,12 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: to
             xa = _flat(x_lora.to(y.dtype)) @ lora_a.to(y.dtype).t()
             _flat(y).addmm_(xa, lora_b.to(y.dtype).t(), alpha=scaling)
         return y
+    if torch.compiler.is_compiling():
+        # traced: plain ops (autograd saves x_l and xa, as the Function does; the compiler fuses the
+        # add), since dynamo cannot trace an in-place Function that marks its input dirty
+        dtype = y.dtype
+        xa = x_lora.to(dtype) @ lora_a.to(dtype).t()
+        return y + (xa @ lora_b.to(dtype).t()) * scaling
     if y._base is not None or not y.is_contiguous():
         y = y.contiguous().clone() if y._base is not None else y.contiguous()
     return _LoraAddFn.apply(y, x_lora, lora_a, lora_b, scaling)

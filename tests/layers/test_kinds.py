@@ -138,7 +138,8 @@ def test_new_kind_inject_save_load_merge(bilinear_kind, tmp_path):
     lorafit.save_adapter(net, tmp_path / "ad")
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    assert shapes == {"base_model.model.bil.lora_A.weight": (2, IN1, IN2), "base_model.model.bil.lora_B.weight": (OUT, 2)}
+    assert shapes == {"base_model.model.bil.lora_A.weight": (2, IN1, IN2),
+                      "base_model.model.bil.lora_B.weight": (OUT, 2)}
     fresh = Net()
     fresh.load_state_dict({k.replace("bil.base_layer.", "bil."): v for k, v in net.state_dict().items()
                            if "adapters" not in k})

@@ -37,6 +37,10 @@ def cached_stacks(layer, dtype, device):
     """
     names = layer._batch["names"]
     adapters = [layer.adapters[n] if n in layer.adapters else None for n in names]
+    if torch.compiler.is_compiling():  # traced: stacking is part of the graph (version counters are not)
+        _check_batchable(adapters)
+        with torch.no_grad():
+            return layer.build_stacks(adapters, dtype, device) if any(a is not None for a in adapters) else None
     versions = tuple(v for a in adapters if a is not None for v in (
         a.lora_A._version, a.lora_B._version, a.scaling if isinstance(a.scaling, float) else a.scaling._version))
     key = (names, dtype, device)
@@ -44,15 +48,19 @@ def cached_stacks(layer, dtype, device):
     hit = cache.get(key)
     if hit is not None and hit[0] == versions and all(x is y for x, y in zip(hit[1], adapters)):
         return hit[2]
-    exclusive = next((a.variant for a in adapters if a is not None and a.variant is not None and a.variant.exclusive),
-                     None)
-    if exclusive is not None:
-        raise ValueError(f"adapter_batch does not support {exclusive.name} adapters (the magnitude rescales the base)")
+    _check_batchable(adapters)
     with torch.no_grad():
         stacks = layer.build_stacks(adapters, dtype, device) if any(a is not None for a in adapters) else None
     cache.clear()  # one entry per layer: the names of the current mixed batch
     cache[key] = (versions, adapters, stacks)
     return stacks
+
+
+def _check_batchable(adapters) -> None:
+    exclusive = next((a.variant for a in adapters if a is not None and a.variant is not None and a.variant.exclusive),
+                     None)
+    if exclusive is not None:
+        raise ValueError(f"adapter_batch does not support {exclusive.name} adapters (the magnitude rescales the base)")
 
 
 def zero_slots(adapters, a_shape, b_shape, dtype, device):

@@ -54,7 +54,10 @@ def _pair_lut(device: torch.device) -> torch.Tensor:
         code = nf4_code(device)
         b = torch.arange(256, device=device)
         pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1).contiguous()  # [256, 2] fp32
-        lut = _lut_cache[key] = pairs.view(torch.int64).view(256)
+        lut = pairs.view(torch.int64).view(256)
+        if torch.compiler.is_compiling():
+            return lut  # traced: 256 entries built in the graph; a cache write would be a side effect
+        _lut_cache[key] = lut
     return lut
 
 

@@ -163,7 +163,13 @@ class QuantizedLinear(QuantizedBase):
     # -- module plumbing ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in] -> [..., out], computed in ``x.dtype`` (what autocast would pick)."""
-        return _DequantLinear.apply(x, self.bias, self, *self._storage())
+        storage = self._storage()
+        bias = self.bias
+        if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+            # nothing needs a gradient through the base (frozen base, frozen input: the first layers of
+            # a LoRA model): decode and multiply, nothing saved - and no Function for the compiler
+            return F.linear(x, self._decode(storage, x.dtype), None if bias is None else bias.to(x.dtype))
+        return _DequantLinear.apply(x, bias, self, *storage)
 
     def _apply(self, fn, recurse=True):
         """Follow ``.to(dtype)`` with ``compute_dtype`` but keep the scales fp32 (moved only).

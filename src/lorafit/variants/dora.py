@@ -79,6 +79,12 @@ class Dora(Variant):
         w = layer.base_weight() if weight is None else weight
         a, b = ad.lora_A, ad.lora_B
         s = ad.scaling
+        if torch.compiler.is_compiling():
+            # traced: version counters are not graph values, and the graph computes the norm once
+            # per forward anyway (W A^T reads W once, like r extra tokens)
+            with torch.no_grad():
+                wg, ag, bg = layer.dora_layout(ad, w)
+                return dora_norm(torch.matmul(wg, ag.to(wg.dtype).transpose(-1, -2)), _weight_sq(wg, -1), ag, bg, s)
         key = (id(w), w._version, a._version, b._version, float(s), w.device, w.dtype)
         cache = ad.dora_cache
         if cache.get("key") == key:
