@@ -14,9 +14,13 @@ from .api import OUTPUT_LAYER_NAMES, quantize, quantized_modules, select_targets
 from .formats import NF4_CODE, NF4_MAX_HALF_GAP
 from .io import load_quantized, read_quantized_config, save_quantized
 from .layers import Int8Linear, NF4Linear, QuantizedLinear, nf4_backend
+from .stream import checkpoint_files, empty_weights, load_streamed
 
 __all__ = [
     "NF4_CODE",
+    "checkpoint_files",
+    "empty_weights",
+    "load_streamed",
     "NF4_MAX_HALF_GAP",
     "OUTPUT_LAYER_NAMES",
     "Int8Linear",
