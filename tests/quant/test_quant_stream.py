@@ -63,8 +63,8 @@ def test_a_checkpoint_that_does_not_fit_is_named(tmp_path):
                         num_key_value_heads=2, max_position_embeddings=32)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
         load_streamed(_skeleton(other), tmp_path, fmt="nf4")
-    deeper = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32)
+    deeper = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     with pytest.raises(ValueError, match="no tensor for .* model tensor"):
         load_streamed(_skeleton(deeper), tmp_path, fmt="nf4")
     with pytest.raises(ValueError, match="no .safetensors checkpoint"):
