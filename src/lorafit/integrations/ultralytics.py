@@ -35,6 +35,7 @@ import torch.nn as nn
 
 import lorafit
 from lorafit.common.errors import LorafitError
+from lorafit.common.matching import name_matches
 from lorafit.common.files import write_json
 from lorafit.layers import LoraLayer
 from lorafit.tree import lora_layers, saved_modules
@@ -162,7 +163,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str] = "all", exclude=
         except re.error as exc:
             raise LorafitError(f"--targets: {text!r} is neither a preset ({', '.join(PRESETS)}) nor a valid "
                                f"regex ({exc})") from None
-        chosen = [n for n in convs if rx.fullmatch(n)]
+        chosen = [n for n in convs if name_matches(rx.pattern, n)]  # the rule inject uses for a regex
     if not chosen:
         raise LorafitError(f"--targets {text!r} matched no dense Conv2d of the detector (e.g. {', '.join(convs[:3])})")
     return chosen
