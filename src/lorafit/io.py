@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import safetensors.torch
 from safetensors import SafetensorError, safe_open
@@ -39,13 +40,26 @@ def fingerprint(named_weights) -> str | None:
     h = hashlib.sha256()
     count = 0
     for name, w in sorted(named_weights, key=lambda t: t[0]):
-        flat = w.detach().reshape(-1)
+        flat = full_tensor(w.detach()).reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 1024), device=flat.device).long()
         h.update(name.encode())
         h.update(str(tuple(w.shape)).encode())
         h.update(flat[idx].float().cpu().numpy().tobytes())
         count += 1
     return h.hexdigest()[:32] if count else None
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2-sharded parameter) gathered whole, any other tensor as it is.
+
+    Gathering is a collective: on a sharded model every rank must make the same calls in the same order.
+    """
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model holds DTensor parameters (sharded by FSDP2, e.g. `lorafit.distributed.shard`)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def _base_weights(layers):
@@ -79,7 +93,7 @@ def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch
         for key, p in base_named_parameters(model):
             if key.rsplit(".", 1)[-1] == "bias" and p.requires_grad:
                 out[key] = p
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {k: full_tensor(v.detach()).contiguous() for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, directory, adapter: str = "default", base_model_name_or_path: str | None = None,
@@ -92,6 +106,10 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
 
     Files are written to temporary names and renamed, so an interrupted save never leaves a
     corrupt adapter behind; temporary files left by a killed earlier save are deleted.
+
+    On an FSDP2-sharded model (`lorafit.distributed.shard`) this is collective: every rank must
+    call it; the adapter and the fingerprint are computed from gathered full weights, only rank 0
+    writes, and every rank returns the path once the files are there (or raises rank 0's error).
 
     Raises:
         ValueError: unknown or invalid adapter name, or `directory` (or a parent) is an
@@ -128,16 +146,38 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     if fp:
         meta["lorafit_base_fingerprint"] = fp
     meta.update(metadata or {})
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # e.g. a file created in the way since the check above, or no permission
-        raise ValueError(f"{directory}: cannot create the adapter directory ({exc.strerror or exc})") from None
-    clean_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))
-    atomic_write(directory / WEIGHTS_NAME,
-                 lambda tmp: safetensors.torch.save_file({PREFIX + k: v.cpu() for k, v in tensors.items()}, str(tmp),
-                                                         metadata=meta))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+    def write():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a file created in the way since the check above, or no permission
+            raise ValueError(f"{directory}: cannot create the adapter directory ({exc.strerror or exc})") from None
+        clean_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
+            {PREFIX + k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+    if is_sharded(model):
+        _rank0_writes(write)
+    else:
+        write()
     return directory
+
+
+def _rank0_writes(write) -> None:
+    """Rank 0 runs ``write``; then every rank learns whether it worked (the others raise rank 0's error)."""
+    error, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except Exception as exc:  # reported to the other ranks before it is raised here
+            error, failure = f"{type(exc).__name__}: {exc}", exc
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ValueError(f"rank 0 could not write the adapter ({box[0]})")
 
 
 def resolve_dir(directory, adapter: str) -> Path:

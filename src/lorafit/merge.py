@@ -20,7 +20,10 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool =
 
     Args:
         safe: check each merged weight for inf/NaN before writing it.
+    Raises:
+        ValueError: on an FSDP2-sharded model (see `_refuse_sharded`).
     """
+    _refuse_sharded(model, "merge")
     work = []
     for name, layer in lora_layers(model):
         names = layer.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
@@ -56,7 +59,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             replaces them; the update is merged in full precision.
     Returns:
         the same model object, with no lorafit module left.
+    Raises:
+        ValueError: on an FSDP2-sharded model (see `_refuse_sharded`); nothing is changed then.
     """
+    _refuse_sharded(model, "merge_and_unload")
     # check all merges can happen before changing anything
     for name, layer in lora_layers(model):
         for n in layer.active:
@@ -69,6 +75,19 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             setattr(parent, attr, mod.current())
     drop_state(model)
     return model
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """Refuse to merge into FSDP2-sharded (DTensor) base weights.
+
+    Each rank holds a slice of every weight and FSDP2 owns the parameters, so an in-place merge
+    or a module swap would leave FSDP2's bookkeeping and the other ranks inconsistent. The
+    honest path is the one PEFT users take: save the adapter (collective), load it into an
+    unsharded base, merge there.
+    """
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        raise ValueError(f"{what}: the model is sharded (FSDP2); save the adapter with lorafit.save_adapter "
+                         "(on every rank), load it into an unsharded base and merge there")
 
 
 def _check_mergeable(name: str, layer: LoraLayer, adapter: str) -> None:

@@ -86,6 +86,7 @@ class QuantizedLinear(QuantizedBase):
     fmt = ""
     _storage_names: tuple[str, ...] = ()
     _fp32_buffers: tuple[str, ...] = ()  # scales: must stay fp32 through model.to(dtype)
+    _views: dict[str, torch.dtype] = {}  # after shardable_storage_(): storage name -> the dtype it decodes as
 
     def __init__(self, in_features, out_features, bias=True, compute_dtype=torch.float32, device=None):
         super().__init__()
@@ -99,7 +100,35 @@ class QuantizedLinear(QuantizedBase):
 
     # -- storage ------------------------------------------------------------------------
     def _storage(self) -> tuple:
-        return tuple(getattr(self, n) for n in self._storage_names)
+        views = self._views
+        return tuple(getattr(self, n).view(views[n]) if n in views else getattr(self, n) for n in self._storage_names)
+
+    def shardable_storage_(self) -> QuantizedLinear:
+        """Turn the quantized storage buffers into frozen, integer-typed ``nn.Parameter``s (in place).
+
+        FSDP2 (``fully_shard``) shards parameters only; buffers stay replicated, so without this
+        every rank would hold the whole quantized base. As parameters the packed codes and the
+        scales are split along dim 0 like any weight and all-gathered before the block's forward,
+        so the decoder sees the full storage. They are integer-typed (float scales are viewed as
+        same-width ints, bit for bit) because a ``MixedPrecisionPolicy(param_dtype=...)`` casts
+        floating-point parameters only: the fp32 scales must not be rounded to bf16 on the way.
+        FSDP2 all-gathers a group of mixed dtypes as bytes. ``requires_grad`` is False (integer
+        tensors cannot have gradients anyway). Names, shapes and ``_storage()`` stay the same;
+        ``state_dict()`` then holds the scales as their int views. Called by
+        `lorafit.distributed.shard` before ``fully_shard``; idempotent.
+        """
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+        views = dict(self._views)
+        for n in self._storage_names:
+            t = self._buffers.pop(n, None)
+            if t is None:  # already a parameter
+                continue
+            if t.is_floating_point():
+                views[n] = t.dtype
+                t = t.view(ints[t.element_size()])
+            self.register_parameter(n, nn.Parameter(t, requires_grad=False))
+        self._views = views
+        return self
 
     def _decode(self, storage: tuple, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -178,7 +207,7 @@ class QuantizedLinear(QuantizedBase):
         ``compute_dtype`` stale.
         """
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self._storage()[0].device))
-        keep = {n: self._buffers[n] for n in self._fp32_buffers}
+        keep = {n: self._buffers[n] for n in self._fp32_buffers if n in self._buffers}  # not the int views
         for n in keep:
             self._buffers[n] = None
         super()._apply(fn, recurse)
