@@ -78,7 +78,9 @@ def run_kind(kind: str, out: str, rank: int, world: int) -> None:
     if kind == "bf16":  # bytes only: a bf16 base computes differently per batch split
         torch.save(facts, os.path.join(out, f"{kind}_rank{rank}.pt"))
         return
-    train(model, slice(rank, None, world))
+    opt = train(model, slice(rank, None, world))
+    if kind == "fp32":
+        check_resume_state(model, opt, facts, rank, world)
     with mock.patch.object(lorafit.io, "atomic_write", wraps=lorafit.io.atomic_write) as writes:
         path = lorafit.save_adapter(model, os.path.join(out, kind))
     facts["writes"] = writes.call_count
@@ -94,6 +96,22 @@ def run_kind(kind: str, out: str, rank: int, world: int) -> None:
     except ValueError as exc:
         facts["merge"] = str(exc)
     torch.save(facts, os.path.join(out, f"{kind}_rank{rank}.pt"))
+
+
+def check_resume_state(model, opt, facts: dict, rank: int, world: int) -> None:
+    """optimizer_state / load_optimizer_state / full_state round-trip onto a fresh sharded model."""
+    state = distributed.optimizer_state(model, opt)
+    weights = distributed.full_state(model, trainable_only=True)
+    fresh = add_adapter(build("fp32"))
+    distributed.shard(fresh)
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    distributed.load_optimizer_state(fresh, opt2, state if rank == 0 else {})
+    again = distributed.optimizer_state(fresh, opt2)
+    facts["opt_state_sizes"] = (len(state.get("state", {})), len(again.get("state", {})))
+    facts["opt_state_equal"] = rank != 0 or all(
+        torch.equal(v, again["state"][k][m]) for k, s in state["state"].items() for m, v in s.items()
+    )
+    facts["full_state_keys"] = sorted(weights)
 
 
 def run_mixed_precision(out: str, rank: int) -> None:

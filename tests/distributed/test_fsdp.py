@@ -69,14 +69,18 @@ def test_each_rank_holds_about_half_the_base(ranks, kind):
         assert after <= 0.55 * before, f"rank {r}: {after} of {before} bytes"
 
 
-def test_nf4_storage_becomes_sharded_int_parameters():
-    layer = lorafit.quant.NF4Linear(64, 32, bias=False)
+@pytest.mark.parametrize(("cls", "ints"), [
+    (lorafit.quant.NF4Linear, {"weight_packed": torch.uint8, "weight_absmax": torch.int32}),
+    (lorafit.quant.Int8Linear, {"weight_int8": torch.int8, "weight_scale": torch.int32}),
+])  # fmt: skip
+def test_quantized_storage_becomes_int_parameters_fsdp2_can_shard(cls, ints):
+    layer = cls(64, 32, bias=False)
     with torch.no_grad():
         layer._set_storage(torch.randn(32, 64))
     w = layer.dequantize()
     layer.shardable_storage_()
     names = dict(layer.named_parameters())
-    assert names["weight_packed"].dtype == torch.uint8 and names["weight_absmax"].dtype == torch.int32
+    assert {n: p.dtype for n, p in names.items()} == ints
     assert not any(p.requires_grad for p in names.values()) and not dict(layer.named_buffers())
     layer.to(torch.bfloat16)  # a mixed precision cast must not touch the scales' bits
     assert torch.equal(layer.dequantize(torch.float32), w)
@@ -116,6 +120,13 @@ def test_merge_and_unload_refuses_a_sharded_model(ranks):
         for r in range(WORLD):
             msg = ranks[kind, r]["merge"]
             assert "sharded" in msg and "save the adapter" in msg and "\n" not in msg
+
+
+def test_optimizer_state_round_trips_for_resume(ranks):
+    n_lora = len(adapter_state(W.add_adapter(W.build("fp32"))))
+    assert ranks["fp32", 0]["opt_state_sizes"] == (n_lora, n_lora) and ranks["fp32", 0]["opt_state_equal"]
+    assert ranks["fp32", 1]["opt_state_sizes"] == (0, 0)  # full state on rank 0 only
+    assert len(ranks["fp32", 0]["full_state_keys"]) == n_lora and ranks["fp32", 1]["full_state_keys"] == []
 
 
 def test_mixed_precision_keeps_fp32_master_weights_and_optimizer_state(ranks):
