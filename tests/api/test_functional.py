@@ -140,6 +140,28 @@ def test_saves_only_input_and_xa_bf16(base):
     assert model.v.adapters["default"].lora_A.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize("train_w", [False, True], ids=["frozen_w", "trained_w"])
+def test_dropout_saves_x_only_when_w_trains(train_w):
+    """With adapter dropout the LoRA term reads x_l = dropout(x): the fused op saves x_l and x A^T, and x
+    itself (not a copy) only when W needs a gradient; a frozen base adds no activation-sized tensor."""
+    lin = nn.Linear(64, 32).requires_grad_(train_w)
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+
+    def saved_like_x(fn):  # the saved tensors with x's shape and dtype (activation-sized)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn()
+        return out, [t for t in saved if t.shape == x.shape and t.dtype == x.dtype]
+
+    _, by_dropout = saved_like_x(lambda: F.dropout(x, 0.5, True))  # what torch's dropout itself keeps
+    y, saved = saved_like_x(lambda: lora_linear(x, lin.weight, lin.bias, a, b, 2.0, dropout=0.5, training=True))
+    assert len(saved) == len(by_dropout) + 1 + train_w, [t.shape for t in saved]
+    as_x = [t for t in saved if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()]
+    assert len(as_x) == train_w
+    y.sum().backward()
+    assert a.grad is not None and x.grad is not None and (lin.weight.grad is not None) == train_w
+
 def test_dropout_and_several_adapters_match_reference():
     base = nn.Sequential(nn.Linear(10, 6))
     model = lorafit.inject(base, lorafit.LoraConfig(r=2, target_modules=["0"], init=False))
