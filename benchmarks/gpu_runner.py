@@ -101,8 +101,9 @@ def sync(dev: str) -> None:
 
 
 def free(dev: str) -> None:
-    gc.collect()
+    """Drops unreachable models before the next one is built (CUDA: and returns the cached blocks)."""
     if dev == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

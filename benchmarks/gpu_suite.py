@@ -51,7 +51,7 @@ from bench_models import ALPHA, R  # noqa: E402
 from gpu_methods import (SHAPES, INFER_PHASES, build_template, infer_methods, mixed_check,  # noqa: E402
                          train_methods)
 from gpu_report import add_infer_pairs, add_train_pairs, compute_targets, markdown_report, print_report  # noqa: E402
-from gpu_runner import CudaMeter, RssMeter, error_text, free, run_methods  # noqa: E402
+from gpu_runner import CudaMeter, InjectedFailure, RssMeter, error_text, free, run_methods  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESERVE_INFER_S, RESERVE_BIG_S = 75, 150  # seconds kept for the later sections out of --budget-s
@@ -78,16 +78,19 @@ def parse(argv):
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per method (3; dry run 1)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; dry run aot_eager)")
     ap.add_argument("--sections", default="train,infer", help="comma list of train, infer")
-    ap.add_argument("--fail-method", action="append", default=[], help=argparse.SUPPRESS)  # KEY or KEY:build
+    # hidden, for the test: KEY (raises in its first timed call), KEY:build, or section:NAME
+    ap.add_argument("--fail-method", action="append", default=[], help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
-def section(name: str, result: dict, fn):
+def section(name: str, result: dict, fn, fail=()):
     """Runs one section, records its elapsed time and any error; the suite goes on."""
     t0 = time.perf_counter()
     print(f"\n== {name} ...", flush=True)
     rec = result["sections"].setdefault(name, {})
     try:
+        if f"section:{name}" in fail:
+            raise InjectedFailure(f"--fail-method section:{name}: injected failure of the section")
         return fn()
     except Exception as e:
         rec["error"] = error_text(e)
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
         meta["params"] = sum(p.numel() for p in ctx["template"].parameters())
 
     meta["params"] = 0
-    section("setup", result, setup)
+    section("setup", result, setup, args.fail_method)
     reserve = (RESERVE_INFER_S if "infer" in sections else 0) + (RESERVE_BIG_S if args.big else 0)
 
     def train():
@@ -190,11 +193,12 @@ def main(argv=None) -> int:
         finally:
             shared.clear()
 
-    if "train" in sections and "template" in ctx:
-        section("train", result, train)
-    free(dev)
-    if "infer" in sections and "template" in ctx:
-        section("infer", result, infer)
+    for name, fn in (("train", train), ("infer", infer)):
+        if name in sections and "template" in ctx:
+            section(name, result, fn, args.fail_method)
+        elif name in sections:
+            result["sections"][name] = {"elapsed_s": 0.0, "error": "not run: the setup section failed"}
+        free(dev)
     ctx.clear()
     free(dev)
 
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
                                       deadline=deadline, min_iters=min_iters, tokens={m.key: b * s for m in methods})
             add_train_pairs(res)
             result["big"], result["big_rounds"] = res, rounds
-        section("big", result, big)
+        section("big", result, big, args.fail_method)
         free(dev)
 
     result["targets"] = compute_targets(result["train"], result["train_pairs"], result["infer"])
