@@ -45,9 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache",
                                 "runs", "build", "*.egg-info", "*.pyc")
 
-# test subsets, fastest and most direct first (-x stops at the first failure); CORE = the former tests/core
-CORE = ["tests/api", "tests/layers"]
+# test subsets, fastest and most direct first (-x stops at the first failure)
 PEFT = "tests/api/test_peft_parity.py"
+# CORE: the former tests/core: tests/api but test_compile.py (~2 min, no compile-only mutant), and tests/layers
+CORE = [*(f"tests/api/test_{n}.py" for n in ("adapters", "functional", "io", "io_bad_files", "multi_adapter")), PEFT,
+        "tests/layers"]
 LINEAR = ["tests/api/test_functional.py", "tests/api/test_adapters.py", "tests/property/test_prop_linear.py",
           "tests/property/test_prop_saved.py"]
 CONV = ["tests/layers/test_conv.py", *CORE, "tests/property/test_prop_conv.py"]
@@ -85,7 +87,8 @@ E, MH = "src/lorafit/layers/embedding.py", "src/lorafit/layers/mha.py"
 
 MUTANTS = [
     # scaling
-    m("scaling_dropped_fused", F, "y2.addmm_(xa, b.t(), alpha=scaling)", "y2.addmm_(xa, b.t(), alpha=1.0)", LINEAR),
+    m("scaling_dropped_fused", F, "_flat(y).addmm_(xa, b.t(), alpha=scaling)", "_flat(y).addmm_(xa, b.t(), alpha=1.0)",
+      LINEAR),
     m("scaling_squared", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
       "self.scaling = (self.alpha / (math.sqrt(r) if use_rslora else r)) ** 2", LINEAR),
     m("rslora_ignored", B, "self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)",
@@ -160,8 +163,10 @@ MUTANTS = [
     m("inject_leaves_train_mode", "src/lorafit/inject.py",
       "            item.wrapper.train(item.wrapper.base_layer.training)\n", "", ["tests/api/test_adapters.py"]),
     # tensors saved for backward
-    m("saved_extra_copy_of_x", F, "save_x = x if (weight.requires_grad and not ctx.same_input) else None",
-      "save_x = x.detach().clone()", SAVED),
+    m("saved_extra_copy_of_x", F, "ctx.save_for_backward(x, xa, weight, lora_a, lora_b)",
+      "ctx.save_for_backward(x.detach().clone(), xa, weight, lora_a, lora_b)", SAVED),
+    m("saved_x_for_frozen_w_dropout", F, "ctx.save_for_backward(x if weight.requires_grad else None, x_lora,",
+      "ctx.save_for_backward(x.detach().clone(), x_lora,", SAVED),
     m("saved_upcast_x", F, "ctx.save_for_backward(x_lora, xa, lora_a, lora_b)",
       "ctx.save_for_backward(x_lora.float(), xa, lora_a, lora_b)", SAVED),
     # quantized merge error
@@ -258,8 +263,7 @@ def check_applies(mutants, dest: Path, tests: list[str] | None = None) -> list[s
     """Why mutants cannot run: text not there exactly once, or a test path gone (it would run nothing)."""
     problems = []
     for mu in mutants:
-        path = dest / mu.file
-        n = path.read_text().count(mu.old) if path.is_file() else 0
+        n = (dest / mu.file).read_text().count(mu.old) if (dest / mu.file).is_file() else 0
         if n != 1:
             problems.append(f"{mu.name}: {mu.file} contains the mutant's text {n} times (need 1): {mu.old!r}")
         problems += [f"{mu.name}: no test path {t}" for t in dict.fromkeys(tests or mu.tests)
@@ -300,9 +304,7 @@ def table(rows) -> str:
     body = [(r["name"], r["file"], r["caught"], r["by"], f"{r['secs']:.1f}") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {:>" + str(widths[-1]) + "}"
-    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*b) for b in body]
-    return "\n".join(lines)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*b) for b in body)])
 
 
 def main(argv=None) -> int:
@@ -320,8 +322,7 @@ def main(argv=None) -> int:
                          "what that layer alone catches)")
     args = ap.parse_args(argv)
     mutants = [mu for mu in MUTANTS if not args.only or mu.name in args.only]
-    unknown = set(args.only) - {mu.name for mu in MUTANTS}
-    if unknown:
+    if unknown := set(args.only) - {mu.name for mu in MUTANTS}:
         print(f"mutation_check: unknown mutant(s) {sorted(unknown)}; see --list", file=sys.stderr)
         return 2
     if args.list:
@@ -377,8 +378,7 @@ def main(argv=None) -> int:
             for r in rows:
                 if r["by"] in bad:
                     r["caught"] = "no (test fails unmutated too)"
-        print()
-        print(table(rows))
+        print("\n" + table(rows))
         missed = [r for r in rows if not r["caught"].startswith(("yes", "not testable"))]
         untested = [r for r in rows if r["caught"].startswith("not testable")]
         print(f"\n{len(rows) - len(missed) - len(untested)} of {len(rows)} mutants caught"
