@@ -57,6 +57,7 @@ def test_packing_has_no_attention_across_examples(which, request):
 
     task = make_task(request.getfixturevalue(which))
     model = AutoModelForCausalLM.from_pretrained(task.model_path).eval()
+    model.config.use_cache = False  # as the task builds it (a cache turns the packed detection off)
     examples = [
         task.encode({"text": t}, "x")
         for t in ["the film was great", "hello, how are you today?", "the trip was awful, really awful"]
@@ -64,12 +65,9 @@ def test_packing_has_no_attention_across_examples(which, request):
     rows = pack(examples, 64)
     assert len(rows) == 1 and len(rows[0]) == 3
     batch = task.collate(rows)
+    assert "attention_mask" not in batch  # no dense [B,1,L,L] mask: position ids restart per example
     with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-        ).logits[0]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         packed_loss = task.loss_sum(model, batch)
         at, alone_loss = 0, 0.0
         for ids, labels in examples:
@@ -80,9 +78,10 @@ def test_packing_has_no_attention_across_examples(which, request):
             at += len(ids)
     assert float(packed_loss) == pytest.approx(alone_loss, rel=1e-5)
     assert task.count(batch) == sum(task.count(task.collate([e])) for e in examples)
-    # and with cross-attention the numbers would differ: the mask is what keeps them apart
+    # and with cross-attention the numbers would differ: the restarts (no mask given) keep them apart
     with torch.no_grad():
-        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        full = torch.ones_like(batch["input_ids"])  # a plain padding mask turns the packed detection off
+        leaky = model(input_ids=batch["input_ids"], attention_mask=full, position_ids=batch["position_ids"]).logits[0]
     n0 = len(examples[0][0])
     assert not torch.allclose(leaky[n0 : n0 + 3], logits[n0 : n0 + 3], atol=1e-4)
 

@@ -51,7 +51,8 @@ SWAPPED = ("adapter", "model", "best")  # the directories checkpoint.replace_dir
 # work runs, not the computed weights. Every other option (task options included) fixes the
 # adapter's shapes, the rows of each step or the learning-rate schedule, so it is refused.
 RESUMABLE_CHANGES = frozenset(
-    {"device", "eval_every", "eval_before", "eval_batch_size", "save_every", "log_every", "grad_checkpointing"}
+    {"device", "eval_every", "eval_before", "eval_batch_size", "save_every", "log_every", "grad_checkpointing",
+     "compile"}
 )
 NOT_COMPARED = frozenset({"config", "resume", "out", "overwrite", "title"})
 

@@ -130,18 +130,25 @@ def base_model_bytes(model_path: str, model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def build(opts: dict[str, Any], task: LoopTask) -> torch.nn.Module:
-    """Seeded model construction, then injection (or everything trainable with --full-finetune)."""
-    random.seed(opts["seed"])
-    torch.manual_seed(opts["seed"])
-    model = task.build_model()
+def build(opts: dict[str, Any], task: LoopTask, say: Callable[[str], None] = print) -> torch.nn.Module:
+    """Seeded model construction, then injection (or everything trainable with --full-finetune).
+
+    ``--quantize`` quantizes while the base loads where the task can (text tasks, safetensors),
+    else after loading it (with a note); both give the same quantized model.
+    """
     if opts["full_finetune"] and opts.get("quantize"):
         raise LorafitError("--quantize trains adapters on a frozen quantized base; it cannot go with --full-finetune")
+    random.seed(opts["seed"])
+    torch.manual_seed(opts["seed"])
+    fmt = opts.get("quantize")
+    model = task.build_model(quantize=fmt) if fmt and task.streams_quantized else task.build_model()
+    if getattr(task, "load_note", None):
+        say(task.load_note)
     if opts["full_finetune"]:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        if opts.get("quantize"):
+        if fmt and not lorafit.quant.quantized_modules(model):
             try:  # targets=None: every linear but the output layer / the classification head
                 lorafit.quantize(model, opts["quantize"])
             except ValueError as exc:
@@ -160,6 +167,18 @@ def build(opts: dict[str, Any], task: LoopTask) -> torch.nn.Module:
     if opts["grad_checkpointing"]:
         task.enable_grad_checkpointing(model)
     return model
+
+
+def compiled(model: torch.nn.Module, task: LoopTask, opts: dict[str, Any], say) -> torch.nn.Module | None:
+    """``--compile``: ``torch.compile(model)`` (fullgraph where the task's models allow it), else None.
+
+    Only the training forward and backward run compiled; evaluation, generation, checkpoints and
+    the saved adapter use ``model`` itself, so no ``_orig_mod.`` prefix reaches a file.
+    """
+    if not opts.get("compile"):
+        return None
+    say(f"compiling the model (torch.compile, fullgraph={task.compile_fullgraph}); the first steps are slow")
+    return torch.compile(model, fullgraph=task.compile_fullgraph)
 
 
 def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path) -> None:
@@ -229,7 +248,7 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
         run_dir = Path(opts["out"])
         train_rows, eval_rows = task.load_data()
         opts["title"] = f"{opts['task']} on {opts['model']}"
-        model = build(opts, task)
+        model = build(opts, task, say)
         # the untouched original of a modules_to_save head is not counted
         trainable, total = count_parameters(model, originals=False)
         model.to(dist.device)
@@ -265,6 +284,7 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
             save_model=lambda m, d: save_trained(m, task, opts, d),
             on_step=on_step,
             tty=tty,
+            compiled=compiled(model, task, opts, say),
         )
         result = trainer.fit(resume=state)
         return finish(model, task, opts, dist, run_dir, trainer, result, trainable, total, wall0, say)

@@ -15,12 +15,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from lorafit.common.errors import LorafitError
 from lorafit.common.files import write_json
+from lorafit.quant import checkpoint_files, empty_weights, load_streamed
 from lorafit.tasks.base import ExportPair, LoopTask, Task
 from lorafit.train.input_checks import check_max_length
 
-__all__ = ["BUNDLED_MODELS", "TASKS", "ExportPair", "LabelFiles", "LoopTask", "Task", "TextModel",
+__all__ = ["BUNDLED_MODELS", "TASKS", "ExportPair", "LabelFiles", "LoopTask", "Task", "TextModel", "base_dtype",
            "checkpoint_activations", "resolve_model_path", "task_class", "task_for_model", "task_names"]
 
 TASKS: dict[str, str] = {
@@ -73,6 +76,7 @@ class TextModel:
     """
 
     _tokenizer = None
+    load_note: str | None = None  # what loading the base could not do as asked (printed by the job)
 
     def __init__(self, opts: dict):
         self.opts = opts
@@ -80,6 +84,44 @@ class TextModel:
         # config.json only: a --max-length beyond the position table must fail here, not mid-run
         check_max_length(self.model_path, opts.get("max_length"), opts["model"])
         self.n_train = self.n_eval = 0
+
+    def load_base(self, auto_cls, quantize: str | None = None):
+        """``auto_cls.from_pretrained`` in the training dtype (:func:`base_dtype`), with no fp32 copy on the way.
+
+        With ``quantize`` ("nf4" / "int8") the base is quantized while it loads
+        (:func:`lorafit.quant.load_streamed`: a meta-device skeleton, each Linear weight quantized as
+        it is read), so the whole base never sits in memory at full precision. That needs
+        safetensors whose keys are the model's own; otherwise the whole base is loaded and
+        ``load_note`` says why (the caller then quantizes it as before).
+        """
+        dtype = base_dtype(self.opts)
+        if quantize:
+            model = self._load_streamed(auto_cls, quantize, dtype)
+            if model is not None:
+                return model
+        return auto_cls.from_pretrained(self.model_path, dtype=dtype)
+
+    def _load_streamed(self, auto_cls, fmt: str, dtype: torch.dtype):
+        from transformers import AutoConfig  # lazy: seconds to import
+
+        later = f"the base is loaded whole, then quantized to {fmt}"
+        try:
+            checkpoint_files(self.model_path)
+        except ValueError:
+            self.load_note = f"--quantize {fmt}: {self.model_path} has no .safetensors checkpoint; {later}"
+            return None
+        # no random draw here: from_pretrained draws none, so the adapter's init stays the same
+        with torch.random.fork_rng(devices=[]):
+            config = AutoConfig.from_pretrained(self.model_path)
+            with empty_weights():
+                model = auto_cls.from_config(config, dtype=dtype)
+            try:
+                load_streamed(model, self.model_path, fmt=fmt, dtype=dtype)
+            except ValueError as exc:
+                why = str(exc).splitlines()[0]
+                self.load_note = f"--quantize {fmt}: cannot quantize while loading ({why}); {later}"
+                return None
+        return model.eval()  # as from_pretrained returns it
 
     @property
     def tokenizer(self):
@@ -113,6 +155,20 @@ class LabelFiles:
             raise LorafitError(f"{path}: missing ({self.labels_needed_by} needs its label set)") from None
         except json.JSONDecodeError:
             raise LorafitError(f"{path}: not valid JSON") from None
+
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_dtype(opts: dict) -> torch.dtype:
+    """The dtype a text task's base loads in: ``--precision`` bf16 / fp16 for an adapter run, else fp32.
+
+    The frozen base is only read, so it can live in the autocast dtype; adapters (and a new head)
+    stay fp32 master weights. ``--full-finetune`` keeps fp32: there every weight is a master weight.
+    """
+    if opts.get("full_finetune"):
+        return torch.float32
+    return PRECISION_DTYPES.get(opts.get("precision"), torch.float32)
 
 
 def resolve_model_path(name: str | None) -> str:

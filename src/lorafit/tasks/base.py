@@ -188,6 +188,11 @@ class LoopTask(Task, Trainable):
     ``loss_sum``, ``evaluate``) it says how to inject and what to save.
     """
 
+    # True: build_model(quantize=fmt) quantizes while loading where it can (--quantize)
+    streams_quantized: ClassVar[bool] = False
+    # --compile: torch.compile(model, fullgraph=this); False where the model may hold a graph break
+    compile_fullgraph: ClassVar[bool] = True
+
     @abc.abstractmethod
     def lora_kwargs(self) -> dict[str, Any]:
         """Extra ``LoraConfig`` fields the task needs (``modules_to_save``, ``exclude_modules``)."""

@@ -12,11 +12,16 @@ assistant turn, against the rendering without it) and mapped to tokens through t
 one tokenization of the whole conversation, so token boundaries are those the model sees.
 
 ``--packing`` concatenates consecutive examples into rows of ``--max-length`` tokens. Packed
-examples must not see each other: each row carries a block-diagonal causal mask (a float
-additive 4-D mask, which transformers passes through unchanged to eager and SDPA attention)
-and position ids restarting at 0 per example, and the first token of each example is not a
-target (it would be predicted from the previous example). A packed row therefore gives
-exactly the loss of its examples run one by one.
+examples must not see each other. A packed batch carries ``position_ids`` restarting at 0 for
+each example and no attention mask (the convention of transformers' ``DataCollatorWithFlattening``);
+transformers (>= 4.53, its ``masking_utils``) finds the examples from the restarts: with SDPA /
+eager attention it builds the block-diagonal causal mask itself (a bool ``[B,1,L,L]`` for SDPA,
+4x smaller than a float one), with flex attention a sparse block mask, and with
+flash-attention 2/3 (GPU) it calls the varlen kernel with ``cu_seqlens`` and no mask at all -
+which it does for one row only, so for those the micro-batch is flattened into one row. A
+transformers without that detection gets the dense float mask (:func:`block_causal_mask`).
+The first token of each example is not a target (it would be predicted from the previous
+example). A packed row therefore gives exactly the loss of its examples run one by one.
 """
 
 from __future__ import annotations
@@ -80,11 +85,21 @@ class Task(TextModel, LoopTask):
     DEFAULTS = DEFAULTS
     OPTIONS = OPTIONS
     NOT_APPLICABLE = NOT_APPLICABLE
+    streams_quantized = True
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)
         self.kinds: set[str] = set()
         self.n_packed = 0
+        self.attn_implementation = "sdpa"  # set by build_model
+
+    @property
+    def packing_mode(self) -> str:
+        """How a packed batch keeps examples apart: "flatten" (one row, varlen flash kernels),
+        "position_ids" (rows; transformers builds the mask) or "dense_mask" (an old transformers)."""
+        if not packed_positions_supported():
+            return "dense_mask"
+        return "flatten" if "flash" in self.attn_implementation else "position_ids"
 
     @property
     def pad_id(self) -> int:
@@ -187,11 +202,13 @@ class Task(TextModel, LoopTask):
         return f"{self.n_train} train / {self.n_eval} eval examples ({', '.join(sorted(self.kinds))}){packed}"
 
     # ----------------------------------------------------------------- model
-    def build_model(self) -> nn.Module:
+    def build_model(self, quantize: str | None = None) -> nn.Module:
+        """The base in the training dtype (quantized while loading with ``quantize``), no KV cache."""
         from transformers import AutoModelForCausalLM  # lazy: seconds; `lorafit train --help` imports the tasks
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        model.config.use_cache = False
+        model = self.load_base(AutoModelForCausalLM, quantize)
+        model.config.use_cache = False  # a cache also turns off transformers' packed-sequence detection
+        self.attn_implementation = str(getattr(model.config, "_attn_implementation", None))
         return model
 
     def lora_kwargs(self) -> dict[str, Any]:
@@ -223,11 +240,16 @@ class Task(TextModel, LoopTask):
                 segment[i, at : at + k] = j
                 at += k
         batch = {"input_ids": input_ids, "labels": labels, "real": (segment >= 0).long()}
-        if packed:
-            batch["position_ids"] = position_ids
-            batch["attention_mask"] = block_causal_mask(segment)
-        else:
+        if not packed:
             batch["attention_mask"] = batch["real"]
+            return batch
+        batch["position_ids"] = position_ids  # padding: position 0, each pad token an example of its own
+        mode = self.packing_mode
+        if mode == "dense_mask":
+            batch["attention_mask"] = block_causal_mask(segment)
+        elif mode == "flatten" and n > 1:  # varlen flash kernels read packed position_ids of one row only
+            keep = batch["real"].flatten().bool()
+            batch = {k: v.flatten()[keep][None] for k, v in batch.items()}
         return batch
 
     def count(self, batch) -> int:
@@ -238,7 +260,8 @@ class Task(TextModel, LoopTask):
 
     def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
         kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        if kwargs["attention_mask"].dim() == 4 and torch.is_autocast_enabled(batch["input_ids"].device.type):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4 and torch.is_autocast_enabled(batch["input_ids"].device.type):
             kwargs["attention_mask"] = kwargs["attention_mask"].to(
                 torch.get_autocast_dtype(batch["input_ids"].device.type)
             )
@@ -306,6 +329,15 @@ class Task(TextModel, LoopTask):
         self.save_extras(directory)
 
     export_merged = save_full
+
+
+def packed_positions_supported() -> bool:
+    """Does the installed transformers keep packed examples apart from their ``position_ids`` alone?"""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:

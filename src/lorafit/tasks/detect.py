@@ -59,6 +59,7 @@ NOT_APPLICABLE = {
     "quantize": "it quantizes linear layers; a YOLO detector is convolutions",
     "grad_checkpointing": "Ultralytics' detection model has no activation checkpointing",
     "packing": "packing joins token sequences (causal-lm)",
+    "compile": "Ultralytics' own trainer runs the detector; lorafit cannot compile its loop",
 }
 OPTIONS = [
     Option("data", "path", None, "detect: a YOLO data.yaml (path / train / val / names).", metavar="FILE.yaml",

@@ -58,6 +58,8 @@ class Classifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [batch, seq] -> logits [batch, num_labels]."""
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not torch.is_autocast_enabled(h.device.type):  # a bf16 encoder (--precision bf16) under the fp32 head
+            h = h.float()
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1))
 
@@ -110,6 +112,7 @@ class Task(TextModel, LabelFiles, LoopTask):
     greater_is_better = True
     DEFAULTS = DEFAULTS
     NOT_APPLICABLE = NOT_APPLICABLE
+    streams_quantized = True
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)
@@ -202,10 +205,11 @@ class Task(TextModel, LabelFiles, LoopTask):
         )
 
     # ----------------------------------------------------------------- model
-    def build_model(self) -> nn.Module:
+    def build_model(self, quantize: str | None = None) -> nn.Module:
+        """The encoder in the training dtype (quantized while loading with ``quantize``), plus an fp32 head."""
         from transformers import AutoModel  # lazy: seconds to import; `lorafit train --help` imports every task
 
-        encoder = AutoModel.from_pretrained(self.model_path, dtype=torch.float32)
+        encoder = self.load_base(AutoModel, quantize)
         model = Classifier(encoder, len(self.labels))
         head = Path(self.model_path) / HEAD_FILE
         if head.is_file():  # a merged or fully fine-tuned classifier directory

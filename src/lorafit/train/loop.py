@@ -78,6 +78,8 @@ class Trainer:
         save_model: ``save_model(model, directory)`` writes the adapter (used for ``best/``).
         on_step: called with the step number after each optimizer step (tests send signals here).
         tty: force the progress bar on/off.
+        compiled: ``torch.compile(model)`` to run the training forward/backward with (``--compile``);
+            everything else (parameters, checkpoints, evaluation) uses ``model`` itself.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class Trainer:
         save_model: Callable | None = None,
         on_step: Callable[[int], None] | None = None,
         tty: bool | None = None,
+        compiled: torch.nn.Module | None = None,
     ):
         self.model, self.task, self.opts, self.dist = model, task, opts, dist
+        self.run_model = compiled if compiled is not None else model
         self.train_rows, self.eval_rows = train_rows, eval_rows or []
         self.run_dir = run_dir if dist.is_main else None
         self.save_model, self.on_step, self.tty = save_model, on_step, tty
@@ -225,7 +229,7 @@ class Trainer:
         for batch in batches:
             batch = to_device(batch, self.dist.device)
             with self._autocast():
-                loss = self.task.loss_sum(self.model, batch)
+                loss = self.task.loss_sum(self.run_model, batch)
             self.scaler.scale(loss.float() / global_count).backward()
             loss_sum += float(loss.detach())
         stop = 1.0 if self._signal is not None else 0.0

@@ -169,9 +169,21 @@ OPTIONS: list[Option] = [
            minimum=0),
     Option("seed", "int", 0, "seed of every random choice (data order, init, dropout).", minimum=0),
     Option(
-        "precision", "str", "fp32", "autocast precision; weights and optimizer stay fp32.", choices=PRECISIONS
+        "precision",
+        "str",
+        "fp32",
+        "autocast precision; adapters and optimizer stay fp32 (causal-lm / text-classification LoRA: "
+        "the frozen base loads in this dtype).",
+        choices=PRECISIONS,
     ),
     Option("grad-checkpointing", "bool", False, "recompute activations in backward (less memory)."),
+    Option(
+        "compile",
+        "bool",
+        False,
+        "torch.compile the model being trained (fullgraph for transformers models); same numbers, "
+        "faster steps after the first.",
+    ),
     Option(
         "device", "str", "auto", "auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda")
     ),
