@@ -223,6 +223,7 @@ def time_rounds(res: dict, live: dict, dev: str, meter, iters: int, *, deadline:
             if (i // len(keys)) % 2:
                 order = order[::-1]
             for k in order:
+                failed = None
                 try:
                     sync(dev)
                     if meter:
@@ -236,13 +237,15 @@ def time_rounds(res: dict, live: dict, dev: str, meter, iters: int, *, deadline:
                         step_peak[k] = max(step_peak[k], meter.peak() - a)
                     times[k].append(t)
                 except Exception as e:  # recorded; the method leaves the rounds, the others go on
-                    res[k]["error"] = error_text(e) + f" (in timed round {i})"
+                    failed = error_text(e) + f" (in timed round {i})"
+                if failed:  # freed outside the except block: its traceback holds the failed call's tensors
+                    res[k]["error"] = failed
                     res[k]["partial_times_ms"] = round_ms(times.pop(k))
                     del live[k]
                     gc.enable()
                     free(dev)
                     gc.disable()
-                    log(f"  {res[k]['label']}: {res[k]['error']}")
+                    log(f"  {res[k]['label']}: {failed}")
             if i == 0 and deadline is not None:
                 per_round = time.perf_counter() - r0
                 fit = int((deadline - time.perf_counter()) / max(per_round, 1e-9)) + 1

@@ -45,6 +45,7 @@ import time
 import traceback
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import ALPHA, R  # noqa: E402
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
                                   tokens={m.key: tb * ts for m in methods})
         result["train"], result["train_rounds"] = res, rounds
         result["train_pairs"] = add_train_pairs(res)
+        torch._dynamo.reset()  # drops the compiled graphs (and what they hold) before the next section
 
     def infer():
         shared = {}
