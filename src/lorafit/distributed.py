@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .io import full_tensor
+from .tree import full_tensor
 from .io import is_sharded as _io_is_sharded
 from .quant.layers import QuantizedLinear
 

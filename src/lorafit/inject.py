@@ -16,7 +16,8 @@ import torch.nn as nn
 from .common.matching import name_matches
 from .config import LoraConfig, check_adapter_name
 from .layers import LoraAdapter, LoraLayer, ModulesToSave, wrapper_for
-from .tree import activate, active_names, base_named_parameters, base_parameters, model_state, output_layer_ids, walk
+from .tree import (activate, active_names, base_named_parameters, base_parameters, is_sharded, model_state,
+                   output_layer_ids, walk)
 from .variants import plan_variants
 
 log = logging.getLogger("lorafit")
@@ -84,6 +85,8 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter: str, only: dic
     Raises:
         ValueError: nothing matched (lists up to 20 candidate names), or a layer cannot take it.
     """
+    if is_sharded(model):  # new modules would stay outside FSDP2's units, replicated on every rank
+        raise ValueError("the model is sharded (FSDP2): inject and load adapters before lorafit.distributed.shard")
     plan = []
     for name, (mod, parent, attr) in _choose(model, config, only).items():
         is_new = not isinstance(mod, LoraLayer)

@@ -28,7 +28,8 @@ from .common.files import atomic_write, clean_stale_temps
 from .config import LoraConfig, check_adapter_name
 from .inject import commit, plan_injection, plan_saved
 from .layers import LoraLayer, peft_suffixes, wrapper_for
-from .tree import adapter_configs, adapter_names, base_named_parameters, lora_layers, saved_modules, walk
+from .tree import (adapter_configs, adapter_names, base_named_parameters, full_tensor, is_sharded, lora_layers,
+                   saved_modules, walk)
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -47,19 +48,6 @@ def fingerprint(named_weights) -> str | None:
         h.update(flat[idx].float().cpu().numpy().tobytes())
         count += 1
     return h.hexdigest()[:32] if count else None
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (an FSDP2-sharded parameter) gathered whole, any other tensor as it is.
-
-    Gathering is a collective: on a sharded model every rank must make the same calls in the same order.
-    """
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when the model holds DTensor parameters (sharded by FSDP2, e.g. `lorafit.distributed.shard`)."""
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def _base_weights(layers):

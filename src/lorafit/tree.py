@@ -152,3 +152,16 @@ def output_layer_ids(model: nn.Module) -> set[int]:
     if isinstance(out, nn.Module):
         return {id(out)}
     return {id(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in OUTPUT_NAMES and is_linear_like(m)}
+
+
+def full_tensor(t):
+    """A DTensor (an FSDP2-sharded parameter) gathered whole, any other tensor as it is.
+
+    Gathering is a collective: on a sharded model every rank must make the same calls in the same order.
+    """
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model holds DTensor parameters (sharded by FSDP2, e.g. `lorafit.distributed.shard`)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())

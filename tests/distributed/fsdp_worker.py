@@ -75,6 +75,11 @@ def run_kind(kind: str, out: str, rank: int, world: int) -> None:
     facts = {"bytes_before": base_bytes(model)}
     distributed.shard(model)
     facts["bytes_after"] = base_bytes(model)
+    try:  # new modules after shard() would stay outside FSDP2: refused, the model unchanged
+        lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules="all-linear"), adapter="late")
+        facts["late_inject"] = "injected"
+    except ValueError as exc:
+        facts["late_inject"] = str(exc)
     if kind == "bf16":  # bytes only: a bf16 base computes differently per batch split
         torch.save(facts, os.path.join(out, f"{kind}_rank{rank}.pt"))
         return

@@ -122,6 +122,12 @@ def test_merge_and_unload_refuses_a_sharded_model(ranks):
             assert "sharded" in msg and "save the adapter" in msg and "\n" not in msg
 
 
+def test_inject_after_shard_is_refused(ranks):
+    for kind in ("fp32", "bf16", "nf4"):
+        for r in range(WORLD):
+            assert "before lorafit.distributed.shard" in ranks[kind, r]["late_inject"]
+
+
 def test_optimizer_state_round_trips_for_resume(ranks):
     n_lora = len(adapter_state(W.add_adapter(W.build("fp32"))))
     assert ranks["fp32", 0]["opt_state_sizes"] == (n_lora, n_lora) and ranks["fp32", 0]["opt_state_equal"]
