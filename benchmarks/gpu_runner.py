@@ -173,6 +173,7 @@ def build_all(methods: list[Method], dev: str, meter, warmup: int, fail: list[st
                 if i == 0 and isinstance(out, torch.Tensor):
                     entry["first_loss"] = float(out)
             entry["warmup_ms"] = round_ms(warm)
+            entry.update(built.info)  # what the warm-up calls recorded (e.g. the NF4 decode backend used)
             if meter:
                 entry["resident_bytes"] = max(0, meter.allocated() - before)
             live[m.key] = fn

@@ -78,6 +78,8 @@ def parse(argv):
     ap.add_argument("--iters", type=int, default=None, help="most timed rounds per section (20; dry run 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per method (3; dry run 1)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; dry run aot_eager)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 on CUDA, fp32 for a dry run (--dry-run --dtype bf16 checks the bf16 paths)")
     ap.add_argument("--sections", default="train,infer", help="comma list of train, infer")
     # hidden, for the test: KEY (raises in its first timed call), KEY:build, or section:NAME
     ap.add_argument("--fail-method", action="append", default=[], help=argparse.SUPPRESS)
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     if not dry and not torch.cuda.is_available():
         sys.exit("gpu_suite.py: no CUDA device is available (use --dry-run for the CPU check of the code paths)")
     dev = "cpu" if dry else "cuda"
-    dtype = torch.float32 if dry else torch.bfloat16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
+        torch.float32 if dry else torch.bfloat16)
     backend = args.compile_backend or ("aot_eager" if dry else "inductor")
     warmup = args.warmup if args.warmup is not None else (1 if dry else 3)
     iters = args.iters or (3 if dry else 20)
@@ -213,6 +216,7 @@ def main(argv=None) -> int:
             template, cfg = build_template(big_shape, dev, dtype)
             b, s = SHAPES[big_shape][1]
             meta["big_shape"] = f"{b} x {s}" + (" (dry run: tiny)" if dry else "")
+            meta["big_params"] = sum(p.numel() for p in template.parameters())
             ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0)).to(dev)
             methods = train_methods(template, ids, backend, big=True)
             res, rounds = run_methods(methods, dev, meter, warmup=warmup, iters=min(iters, 10), fail=args.fail_method,
