@@ -231,13 +231,12 @@ def main(argv=None) -> int:
     meta["over_8_minutes"] = meta["wall_s"] > 480
     rr = [(n, result.get(n + "_rounds")) for n in ("train", "infer", "big")]
     meta["rounds_note"] = ", ".join(f"{n} {r['rounds']} rounds" for n, r in rr if r) or "no rounds"
-    print_report(result)
-
     out = args.out or (RESULTS if not dry else tempfile.mkdtemp(prefix="gpu-suite-dry-"))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"gpu-suite-{device_slug(device_name if not dry else 'cpu-dry-run')}-{meta['date']}")
-    with open(stem + ".json", "w") as f:
+    with open(stem + ".json", "w") as f:  # first: the raw times survive a failing report
         json.dump(result, f, indent=1)
+    print_report(result)
     with open(stem + ".md", "w") as f:
         f.write(markdown_report(result))
     print(f"\nwrote {stem}.json and .md  ({meta['wall_s']} s" + (", OVER 8 MINUTES" if meta["over_8_minutes"] else "")
