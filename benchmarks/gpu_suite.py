@@ -48,6 +48,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))  # lorafit
 from bench_models import ALPHA, R  # noqa: E402
 from gpu_methods import (SHAPES, INFER_PHASES, build_template, infer_methods, mixed_check,  # noqa: E402
                          train_methods)
