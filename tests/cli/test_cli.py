@@ -37,6 +37,7 @@ CONTRACT_FLAGS = [
     "--seed",
     "--precision",
     "--grad-checkpointing",
+    "--compile",
     "--full-finetune",
     "--out",
     "--resume",

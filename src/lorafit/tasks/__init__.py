@@ -209,3 +209,7 @@ def checkpoint_activations(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the input embeddings to make their output require grad, which only the
+    # reentrant form needs; under torch.compile (--compile) that requires_grad_() is an error
+    if getattr(model, "_require_grads_hooks", None) and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
