@@ -74,3 +74,27 @@ def test_sdpa_gets_a_bool_mask_built_by_transformers(tiny_llama, monkeypatch):
     # block diagonal: the first token of the second example sees itself only
     k = len(rows[0][0][0])
     assert seen[0][0, 0, k, : k + 1].tolist() == [False] * k + [True]
+
+
+def test_flex_attention_keeps_packed_examples_apart_too(tiny_llama):
+    """--attn-implementation flex_attention: transformers builds a block mask from the position ids."""
+    opts = resolve({"task": "causal-lm", "model": str(tiny_llama), "attn_implementation": "flex_attention"},
+                   all_options(), task_defaults)
+    task = Task(opts)
+    model = task.build_model().eval()
+    assert task.attn_implementation == "flex_attention" and task.packing_mode == "position_ids"
+    examples = [task.encode({"text": t}, "x") for t in TEXTS]
+    batch = task.collate(pack(examples, 24))
+    with torch.no_grad():
+        packed = float(task.loss_sum(model, batch))
+    assert packed == pytest.approx(unpacked_loss(task, model, examples), rel=1e-5)
+
+
+def test_unknown_attn_implementation_is_one_line(tiny_llama):
+    from lorafit.common.errors import LorafitError
+
+    opts = resolve({"task": "causal-lm", "model": str(tiny_llama), "attn_implementation": "nope"},
+                   all_options(), task_defaults)
+    with pytest.raises(LorafitError, match="^--attn-implementation nope: ") as info:
+        Task(opts).build_model()
+    assert "\n" not in str(info.value)

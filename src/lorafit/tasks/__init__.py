@@ -22,9 +22,10 @@ from lorafit.common.files import write_json
 from lorafit.quant import checkpoint_files, empty_weights, load_streamed
 from lorafit.tasks.base import ExportPair, LoopTask, Task
 from lorafit.train.input_checks import check_max_length
+from lorafit.train.options import Option
 
-__all__ = ["BUNDLED_MODELS", "TASKS", "ExportPair", "LabelFiles", "LoopTask", "Task", "TextModel", "base_dtype",
-           "checkpoint_activations", "resolve_model_path", "task_class", "task_for_model", "task_names"]
+__all__ = ["ATTN_OPTION", "BUNDLED_MODELS", "TASKS", "ExportPair", "LabelFiles", "LoopTask", "Task", "TextModel",
+           "base_dtype", "checkpoint_activations", "resolve_model_path", "task_class", "task_for_model", "task_names"]
 
 TASKS: dict[str, str] = {
     "text-classification": "lorafit.tasks.text_classification",
@@ -95,13 +96,20 @@ class TextModel:
         ``load_note`` says why (the caller then quantizes it as before).
         """
         dtype = base_dtype(self.opts)
-        if quantize:
-            model = self._load_streamed(auto_cls, quantize, dtype)
-            if model is not None:
-                return model
-        return auto_cls.from_pretrained(self.model_path, dtype=dtype)
+        attn = self.opts.get("attn_implementation")
+        kwargs = {"attn_implementation": attn} if attn else {}
+        try:
+            if quantize:
+                model = self._load_streamed(auto_cls, quantize, dtype, kwargs)
+                if model is not None:
+                    return model
+            return auto_cls.from_pretrained(self.model_path, dtype=dtype, **kwargs)
+        except (ValueError, ImportError) as exc:
+            if not attn:
+                raise
+            raise LorafitError(f"--attn-implementation {attn}: {str(exc).strip().splitlines()[0]}") from None
 
-    def _load_streamed(self, auto_cls, fmt: str, dtype: torch.dtype):
+    def _load_streamed(self, auto_cls, fmt: str, dtype: torch.dtype, kwargs: dict):
         from transformers import AutoConfig  # lazy: seconds to import
 
         later = f"the base is loaded whole, then quantized to {fmt}"
@@ -114,7 +122,7 @@ class TextModel:
         with torch.random.fork_rng(devices=[]):
             config = AutoConfig.from_pretrained(self.model_path)
             with empty_weights():
-                model = auto_cls.from_config(config, dtype=dtype)
+                model = auto_cls.from_config(config, dtype=dtype, **kwargs)
             try:
                 load_streamed(model, self.model_path, fmt=fmt, dtype=dtype)
             except ValueError as exc:
@@ -158,6 +166,16 @@ class LabelFiles:
 
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# the text tasks' --attn-implementation (one Option object, so both tasks list the same flag)
+ATTN_OPTION = Option(
+    "attn-implementation",
+    "str",
+    None,
+    "transformers attention kernel: sdpa (its default), eager, flex_attention, flash_attention_2 "
+    "(CUDA, needs flash-attn; packed rows then run varlen with no mask), ...",
+    metavar="NAME",
+)
 
 
 def base_dtype(opts: dict) -> torch.dtype:

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from lorafit.common.errors import LorafitError
 from lorafit.common.files import write_json
-from lorafit.tasks import LoopTask, TextModel, checkpoint_activations
+from lorafit.tasks import ATTN_OPTION, LoopTask, TextModel, checkpoint_activations
 from lorafit.train.data import read_table, take_samples
 from lorafit.train.options import Option
 
@@ -59,7 +59,8 @@ OPTIONS = [
         False,
         "pack short examples into full --max-length rows (no attention across examples).",
         group="causal-lm",
-    )
+    ),
+    ATTN_OPTION,
 ]
 IGNORE = -100
 

@@ -60,6 +60,7 @@ NOT_APPLICABLE = {
     "grad_checkpointing": "Ultralytics' detection model has no activation checkpointing",
     "packing": "packing joins token sequences (causal-lm)",
     "compile": "Ultralytics' own trainer runs the detector; lorafit cannot compile its loop",
+    "attn_implementation": "a transformers setting; a YOLO detector has no such attention",
 }
 OPTIONS = [
     Option("data", "path", None, "detect: a YOLO data.yaml (path / train / val / names).", metavar="FILE.yaml",

@@ -51,6 +51,7 @@ NOT_APPLICABLE = {
     "label_column": "labels are the ImageFolder sub-directory names",
     "max_length": "a token count; this task reads images (see --imgsz)",
     "packing": "packing joins causal-lm texts",
+    "attn_implementation": "a transformers setting; timm / torchvision models bring their own attention",
     "data": "--data is a detection data.yaml; give ImageFolder --train / --eval directories",
 }
 IMG_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.common.errors import LorafitError
 from lorafit.data import DEFAULT_EVAL, DEFAULT_TRAIN
-from lorafit.tasks import LabelFiles, LoopTask, TextModel, checkpoint_activations
+from lorafit.tasks import ATTN_OPTION, LabelFiles, LoopTask, TextModel, checkpoint_activations
 from lorafit.train.data import Table, read_table, take_samples
 
 DEFAULTS = {
@@ -112,6 +112,7 @@ class Task(TextModel, LabelFiles, LoopTask):
     greater_is_better = True
     DEFAULTS = DEFAULTS
     NOT_APPLICABLE = NOT_APPLICABLE
+    OPTIONS = [ATTN_OPTION]
     streams_quantized = True
 
     def __init__(self, opts: dict[str, Any]):
