@@ -31,7 +31,7 @@ NF4_CODE = (
 # Largest distance from any point of [-1, 1] to its nearest level (half the widest gap).
 NF4_MAX_HALF_GAP = max(b - a for a, b in itertools.pairwise(NF4_CODE)) / 2
 SCALE_GROUP = 256  # scales per fp32 (lo, step) pair under double quantization
-_CHUNK = 1 << 22  # values encoded per pass: bounds the int64 temporaries of bucketize
+_CHUNK = 1 << 20  # values encoded per pass: bounds the temporaries (fp32 + bucketize's int64: ~16 MB)
 
 _lut_cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
@@ -144,7 +144,7 @@ def nf4_quantize(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     """
     check_nf4_shape(weight.numel(), block_size)
     blocks = weight.detach().reshape(-1, block_size)
-    absmax = blocks.abs().amax(1).float()
+    absmax = torch.maximum(blocks.amax(1), -blocks.amin(1)).float()  # |x| max without an |x| copy of the weight
     if not double_quant:
         return {"packed": nf4_encode(blocks, absmax), "absmax": absmax}
     q, lo, step = quantize_scales(absmax)
