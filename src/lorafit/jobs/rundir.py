@@ -52,7 +52,7 @@ SWAPPED = ("adapter", "model", "best")  # the directories checkpoint.replace_dir
 # adapter's shapes, the rows of each step or the learning-rate schedule, so it is refused.
 RESUMABLE_CHANGES = frozenset(
     {"device", "eval_every", "eval_before", "eval_batch_size", "save_every", "log_every", "grad_checkpointing",
-     "compile"}
+     "compile", "stop_at_step"}
 )
 NOT_COMPARED = frozenset({"config", "resume", "out", "overwrite", "title"})
 

@@ -36,7 +36,7 @@ from lorafit.common.modules import count_parameters
 from lorafit.jobs import options, rundir
 from lorafit.tasks import LoopTask, Task, task_class
 from lorafit.train import checkpoint as ckpt
-from lorafit.train import distributed
+from lorafit.train import distributed, sharded
 from lorafit.train.loop import Trainer
 from lorafit.train.options import parse_targets
 from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
@@ -96,6 +96,7 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     # 2. validate: nothing but option values and config files is read
     options.refuse_not_applicable(opts["task"], options.user_keys(flags, table))
     parse_targets(opts["targets"])
+    sharded.refuse_unsupported(opts, task_class(opts["task"]).shards, int(os.environ.get("WORLD_SIZE", "1")))
     opts.pop("config", None)
     opts.pop("resume", None)
 
@@ -173,12 +174,14 @@ def compiled(model: torch.nn.Module, task: LoopTask, opts: dict[str, Any], say) 
     """``--compile``: ``torch.compile(model)`` (fullgraph where the task's models allow it), else None.
 
     Only the training forward and backward run compiled; evaluation, generation, checkpoints and
-    the saved adapter use ``model`` itself, so no ``_orig_mod.`` prefix reaches a file.
+    the saved adapter use ``model`` itself, so no ``_orig_mod.`` prefix reaches a file. With
+    ``--fsdp`` not fullgraph: FSDP2's gather/free hooks run outside the graphs (between blocks).
     """
     if not opts.get("compile"):
         return None
-    say(f"compiling the model (torch.compile, fullgraph={task.compile_fullgraph}); the first steps are slow")
-    return torch.compile(model, fullgraph=task.compile_fullgraph)
+    full = task.compile_fullgraph and not opts.get("fsdp")
+    say(f"compiling the model (torch.compile, fullgraph={full}); the first steps are slow")
+    return torch.compile(model, fullgraph=full)
 
 
 def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path) -> None:
@@ -186,8 +189,9 @@ def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path) -
     if opts["full_finetune"]:
         task.save_full(model, directory)
         return
-    lorafit.save_adapter(model, directory, base_model_name_or_path=task.model_path)
-    task.save_extras(directory)
+    lorafit.save_adapter(model, directory, base_model_name_or_path=task.model_path)  # --fsdp: collective
+    if lorafit.distributed.is_main_process():
+        task.save_extras(directory)
 
 
 def fmt_metrics(metrics: dict[str, float] | None) -> str:
@@ -254,6 +258,7 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
         model.to(dist.device)
         params = [p for p in model.parameters() if p.requires_grad]
         dist.broadcast_params(params)
+        base_bytes = sharded.shard_for_training(model, opts["precision"], dist.device) if opts["fsdp"] else None
         state = ckpt.load_checkpoint(run_dir) if resume_dir is not None else None
         if resume_dir is not None and state is None:
             raise LorafitError(f"--resume {run_dir}: {ckpt.CHECKPOINT} disappeared while the model was loading")
@@ -287,6 +292,11 @@ def _run_loop(opts, task, resume_dir, overwrite, reserved, on_step, tty, say, wa
             compiled=compiled(model, task, opts, say),
         )
         result = trainer.fit(resume=state)
+        if result["stopped"]:
+            say(f"stopped at step {result['steps']} (--stop-at-step): checkpoint saved; "
+                f"continue with: lorafit train --resume {run_dir}")
+            return {"steps": result["steps"], "stopped": True}
+        result["base_bytes"] = base_bytes
         return finish(model, task, opts, dist, run_dir, trainer, result, trainable, total, wall0, say)
     finally:
         dist.close()
@@ -301,8 +311,10 @@ def finish(
     sample = None
     if dist.is_main:
         files.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
-        if trainer.eval_rows:
-            sample = task.sample(model, trainer.eval_rows, dist.device)
+    elif trainer.sharded:  # save_adapter is collective on a sharded model: rank 0 writes
+        save_trained(model, task, opts, run_dir / out_name)
+    if trainer.eval_rows and (dist.is_main or trainer.sharded):  # sharded: every rank runs the forward
+        sample = task.sample(model, trainer.eval_rows, dist.device)
     dist.barrier()
     weights = list((run_dir / out_name).glob("*.safetensors")) if dist.is_main else []
     adapter_bytes = sum(p.stat().st_size for p in weights)
@@ -321,6 +333,8 @@ def finish(
         "world_size": dist.world,
         "full_finetune": opts["full_finetune"],
     }
+    if result.get("base_bytes"):  # --fsdp: the frozen base before sharding, and rank 0's shard of it
+        metrics.update(base_param_bytes=result["base_bytes"][0], base_param_bytes_per_rank=result["base_bytes"][1])
     if result["before"]:
         metrics.update({f"before_{k}": v for k, v in result["before"].items()})
     if result["best"]:
@@ -346,6 +360,8 @@ def finish(
         f"({100 * adapter_bytes / max(base_bytes, 1):.2f}%)"
     )
     say(f"peak memory: {fmt_bytes(peak)} ({peak_kind})")
+    if result.get("base_bytes"):
+        say(f"sharded base: {fmt_bytes(result['base_bytes'][1])} per rank of {fmt_bytes(result['base_bytes'][0])}")
     say(
         f"wall time: {fmt_duration(metrics['wall_time_s'])} "
         # a resumed run's training time counts every part of the run, its wall time this process only

@@ -103,6 +103,7 @@ class Task(abc.ABC):
     # option keys this task does not use, each with the reason: setting one is refused
     NOT_APPLICABLE: ClassVar[dict[str, str]] = {}
     owns_loop: ClassVar[bool] = False  # True: run() replaces lorafit's loop
+    shards: ClassVar[bool] = False  # `lorafit train --fsdp` supports it (FSDP2 over transformer blocks)
     needs_job_info: ClassVar[bool] = False  # eval/merge refuse an adapter without lorafit_job.json and --model
     eval_data_option: ClassVar[str] = "eval"  # the option naming the eval data of `lorafit eval`
     exports: ClassVar[bool] = False  # `lorafit export` supports it (the export hooks below)

@@ -87,6 +87,7 @@ class Task(TextModel, LoopTask):
     OPTIONS = OPTIONS
     NOT_APPLICABLE = NOT_APPLICABLE
     streams_quantized = True
+    shards = True
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)

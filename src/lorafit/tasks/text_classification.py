@@ -114,6 +114,7 @@ class Task(TextModel, LabelFiles, LoopTask):
     NOT_APPLICABLE = NOT_APPLICABLE
     OPTIONS = [ATTN_OPTION]
     streams_quantized = True
+    shards = True
 
     def __init__(self, opts: dict[str, Any]):
         super().__init__(opts)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lorafit.common.errors import LorafitError
 from lorafit.common.files import atomic_write
@@ -89,7 +90,8 @@ def load_checkpoint(run_dir: str | Path, mmap: bool = False) -> dict[str, Any] |
 def restore_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy checkpointed trainable tensors back into ``model`` (names and shapes must match exactly).
 
-    Everything is checked before the first copy, so a mismatch leaves the model as it was.
+    Everything is checked before the first copy, so a mismatch leaves the model as it was. On a
+    sharded model (``--fsdp``) every rank passes the full tensors and keeps its own shard.
 
     Raises:
         LorafitError: a name or a shape differs (the checkpoint is from another configuration).
@@ -110,4 +112,7 @@ def restore_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
         )
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            param = params[name]
+            if isinstance(param, DTensor):  # --fsdp: this rank keeps its shard of the full tensor
+                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorafit import distributed as fsdp
 from lorafit.optim import param_groups
 from lorafit.common import files
 from lorafit.train import checkpoint as ckpt
@@ -100,6 +101,9 @@ class Trainer:
         self.run_model = compiled if compiled is not None else model
         self.train_rows, self.eval_rows = train_rows, eval_rows or []
         self.run_dir = run_dir if dist.is_main else None
+        self.out_dir = run_dir  # every rank: the sharded best/ save is collective
+        self.sharded = fsdp.is_sharded(model)  # --fsdp: FSDP2 reduces the gradients, every rank evaluates
+        self.stopped = False
         self.save_model, self.on_step, self.tty = save_model, on_step, tty
         self.params = [p for p in model.parameters() if p.requires_grad]
         per_step = opts["batch_size"] * opts["grad_accum"] * dist.world
@@ -137,8 +141,10 @@ class Trainer:
         return {
             "step": self.step,
             "world": self.dist.world,
-            "trainable": ckpt.trainable_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": (fsdp.full_state(self.model, trainable_only=True) if self.sharded
+                          else ckpt.trainable_state(self.model)),
+            "optimizer": (fsdp.optimizer_state(self.model, self.optimizer) if self.sharded
+                          else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
@@ -166,7 +172,10 @@ class Trainer:
                 "resume it with the same number (each step's rows and RNG states are per process)"
             )
         ckpt.restore_trainable(self.model, state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # full state by parameter name -> re-sharded (torch.distributed.checkpoint)
+            fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
@@ -204,9 +213,9 @@ class Trainer:
         return torch.randperm(len(self.train_rows), generator=gen).tolist()
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluate on rank 0 (others wait); {} without eval rows."""
+        """Evaluate on rank 0 (others wait; sharded: every rank runs the forward); {} without eval rows."""
         metrics: dict[str, float] = {}
-        if self.eval_rows and self.dist.is_main:
+        if self.eval_rows and (self.dist.is_main or self.sharded):
             was_training = self.model.training
             self.model.eval()
             with torch.no_grad(), self._autocast():
@@ -240,7 +249,8 @@ class Trainer:
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             return mean_loss, global_tokens
-        self.dist.reduce_grads(self.params)
+        if not self.sharded:  # FSDP2 reduce-scattered them in backward already
+            self.dist.reduce_grads(self.params)
         if self.opts["max_grad_norm"] > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.opts["max_grad_norm"])
@@ -302,6 +312,10 @@ class Trainer:
                     self._run_eval(log, progress)
                 if self._stop or (self._signal is not None and not self.dist.enabled):
                     raise self._interrupt(log, progress)
+                if self.step == self.opts.get("stop_at_step") and self.step < self.total_steps:
+                    self.save_checkpoint()  # --stop-at-step: a pause, continued with --resume
+                    self.stopped = True
+                    break
                 if self.step % self.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
@@ -320,6 +334,7 @@ class Trainer:
             "train_time_s": self.train_time,
             "steps": self.step,
             "resumed": resume is not None,
+            "stopped": self.stopped,
             "records": log.records,
         }
 
@@ -343,6 +358,8 @@ class Trainer:
             self.best = {"step": self.step, key: value}
             if self.run_dir is not None and self.save_model is not None:
                 files.replace_dir(self.run_dir / "best", lambda d: self.save_model(self.model, d))
+            elif self.sharded and self.save_model is not None and self.out_dir is not None:
+                self.save_model(self.model, self.out_dir / "best")  # collective; only rank 0 writes
 
     def _interrupt(self, log: MetricsLog, progress: Progress) -> Interrupted:
         path = self.save_checkpoint()

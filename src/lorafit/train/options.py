@@ -185,6 +185,13 @@ OPTIONS: list[Option] = [
         "faster steps after the first.",
     ),
     Option(
+        "fsdp",
+        "bool",
+        False,
+        "shard the model over the torchrun processes with FSDP2 (causal-lm, text-classification; "
+        "world size >= 2); each rank holds about 1/N of the base.",
+    ),
+    Option(
         "device", "str", "auto", "auto (CUDA when present), cpu or cuda.", choices=("auto", "cpu", "cuda")
     ),
     Option(
@@ -215,6 +222,16 @@ OPTIONS: list[Option] = [
         0,
         "log line every N steps when stdout is not a terminal (0 = about 20 per run; detect: epochs).",
         minimum=0,
+        metavar="N",
+        group="output",
+    ),
+    Option(
+        "stop-at-step",
+        "int",
+        None,
+        "stop after optimizer step N with a resumable checkpoint (the schedule is unchanged; "
+        "continue with --resume).",
+        minimum=1,
         metavar="N",
         group="output",
     ),
