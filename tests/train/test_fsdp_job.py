@@ -10,7 +10,8 @@ weights as the one process does, and the gloo SUM of two fp32 buffers is the one
 that autograd's accumulation does. That matters: AdamW is nearly scale-invariant, so FSDP2's
 default *mean* reduction (halved gradients, planted) moves the adapter by only ~1e-3 relative, at
 the edge of the tolerance, while bit-equality catches it for sure. Other faults planted and seen
-red: the optimizer state not restored on --resume, the trainable tensors not restored on --resume.
+red: the optimizer state not restored on --resume (both resume tests: --stop-at-step and a real
+SIGTERM through torchrun), the trainable tensors not restored on --resume.
 
 What the library's FSDP2 tests cover (tests/distributed) is not repeated: here the job, its files
 and its resume.
@@ -19,8 +20,10 @@ and its resume.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -155,3 +158,32 @@ def test_fsdp_refusals_are_one_line_before_loading(extra, world, reason, tiny_ll
     with pytest.raises(LorafitError, match=reason) as info:
         run_train(flags)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+def test_sigterm_under_fsdp_checkpoints_and_resumes_exactly(tiny_llama, lm_files, tmp_path):
+    """torchrun forwards SIGTERM to both ranks: every rank stops after the same step and rank 0 writes the
+    gathered checkpoint (the Interrupted path). Resumed up to two steps later, it equals a run stopped there."""
+    flags = lm_flags(tiny_llama, lm_files, tmp_path / "killed", fsdp="true", epochs=500, eval_every=0,
+                     save_every=10_000, log_every=1)
+    flags.pop("eval")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorafit",
+            "train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "fsdp"), "--fsdp"]
+    proc = subprocess.Popen(argv, env={**subprocess_env(), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM at step" in out and "checkpoint saved" in out, out[-3000:]
+    stopped = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 1000
+    torchrun({"resume": str(tmp_path / "killed"), "stop_at_step": str(stopped + 2)})
+    torchrun({**flags, "out": str(tmp_path / "straight"), "stop_at_step": str(stopped + 2)})
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("killed", "straight"))
+    assert a["step"] == b["step"] == stopped + 2 and a["trainable"].keys() == b["trainable"].keys()
+    for key in b["trainable"]:
+        assert torch.equal(a["trainable"][key], b["trainable"][key]), key
+    for key, state in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][key]["exp_avg_sq"], state["exp_avg_sq"]), key
