@@ -36,7 +36,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+try:  # FSDPModule is re-exported for lorafit.train.sharded
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
+except ImportError:  # torch < 2.6 (the declared range starts at 2.4): FSDP2 lived under _composable
+    from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
 
 from .tree import full_tensor
 from .io import is_sharded as _io_is_sharded

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-
 from lorafit import distributed
+from lorafit.distributed import FSDPModule
 from lorafit.common.errors import LorafitError
 
 
@@ -42,6 +41,9 @@ def shard_for_training(model: nn.Module, precision: str, device: torch.device) -
     before = frozen_bytes(model)
     param_dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
     distributed.shard(model, param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise LorafitError(f"--fsdp needs FSDP2's plain-sum gradient reduction (set_force_sum_reduction_for_comms), "
+                           f"which torch {torch.__version__} lacks; use a newer torch")
     for mod in model.modules():
         if isinstance(mod, FSDPModule):  # the loss is already divided by the global count: sum, not mean
             mod.set_gradient_divide_factor(1.0)
