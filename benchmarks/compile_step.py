@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import lf_config, peft_config  # noqa: E402
 from bench_tables import markdown, paired, round_ms, spread  # noqa: E402
-from train_step import SIZES, interleaved  # noqa: E402
+from train_step import SIZES, interleaved, make_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,19 +60,15 @@ def build(base, kind: str):
 
 
 def step_fn(module, params, ids, floor=False):
-    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-    embed = module.get_input_embeddings() if floor else None
+    """train_step.py's step; the floor's embeddings are computed outside the compiled model and
+    made to require grad there (the gradient must reach the first layer's input, as LoRA's does)."""
+    if not floor:
+        return make_step(module, params, ids)
+    embed = module.get_input_embeddings()
 
     def step():
-        if floor:  # the gradient must reach the first layer's input, as LoRA's does
-            emb = embed(ids).detach().requires_grad_(True)
-            out = module(inputs_embeds=emb, labels=ids)
-        else:
-            out = module(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        emb = embed(ids).detach().requires_grad_(True)
+        module(inputs_embeds=emb, labels=ids).loss.backward()
     return step
 
 

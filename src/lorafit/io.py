@@ -300,12 +300,14 @@ def _copy_plan(plan, lora, file) -> None:
             want = adapter_tensors(item.wrapper, item.adapter)
             for suffix in sorted(set(slots) - set(want)):
                 if suffix in extra:
-                    raise ValueError(f"{file}: module {item.name!r}: the file has a DoRA {suffix} but the config "
-                                     "says use_dora=false")
+                    v = _owner(suffix)
+                    raise ValueError(f"{file}: module {item.name!r}: the file has a {v.name} {suffix} but the config "
+                                     f"says {v.config_field}=false")
                 raise ValueError(f"{file}: key {slots[suffix][0]!r} does not fit module {item.name!r}")
             for suffix in want:
                 if suffix not in slots:
-                    what = "use_dora is set but the file has no" if suffix in extra else "the file lacks"
+                    what = f"{_owner(suffix).config_field} is set but the file has no" if suffix in extra \
+                        else "the file lacks"
                     raise ValueError(f"{file}: module {item.name!r}: {what} {suffix}")
             for suffix, dst in want.items():
                 key, src = slots[suffix]
@@ -313,6 +315,11 @@ def _copy_plan(plan, lora, file) -> None:
                     raise ValueError(f"{file}: key {key!r} has shape {tuple(src.shape)} but the model needs "
                                      f"{tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
+
+
+def _owner(suffix: str):
+    """The variant whose extra tensors use this key suffix (DoRA: lora_magnitude_vector)."""
+    return next(v for v in variants.VARIANTS if suffix in v.suffixes())
 
 
 def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Module:
