@@ -110,3 +110,12 @@ def test_bad_input_leaves_base_unchanged(tmp_path):
     with pytest.raises(ValueError, match="no PiSSA/OLoRA initial weights"):
         lorafit.save_adapter(plain, tmp_path, convert_to_lora=True)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r_and_leaves_embeddings_as_peft():
+    """init="gaussian": A ~ N(0, 1/r), B = 0 on linear layers; embeddings keep PEFT's A = 0, B ~ N(0, 1)."""
+    model = nn.Sequential(nn.Embedding(64, 512), nn.Linear(512, 512))
+    lorafit.inject(model, lorafit.LoraConfig(r=4, init="gaussian", target_modules=["0", "1"]))
+    lin, emb = model[1].adapters["default"], model[0].adapters["default"]
+    assert abs(lin.lora_A.std().item() - 1 / 4) < 0.02 and not lin.lora_B.any()  # kaiming's std here: ~0.026
+    assert not emb.lora_A.any() and abs(emb.lora_B.std().item() - 1.0) < 0.1

@@ -110,6 +110,7 @@ class LoraLayer(nn.Module):
     owns_children = False  # a target naming a child adapts this module (its forward reads the child's weight)
     KEY_A, KEY_B = "lora_A.weight", "lora_B.weight"  # PEFT's key suffixes of the (main) adapter
     fan_in_fan_out = False  # the base weight is stored [in, out] (transformers Conv1D)
+    zero_factor = "B"  # the factor that init_adapter zeroes so the update starts at 0 ("A" for embeddings)
     param_group: str | None = None  # LoRA+ (`lorafit.optim`): a separate learning-rate group for this kind
     scaling_in_op = False  # the forward passes ``scaling`` as a Python float (hot-swap needs a variant)
 

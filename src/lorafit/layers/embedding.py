@@ -14,6 +14,7 @@ class EmbeddingLora(LoraLayer):
 
     KEY_A, KEY_B = "lora_embedding_A", "lora_embedding_B"  # PEFT's names (no ".weight")
     param_group = "lora_embedding"  # LoRA+: both factors at the embedding learning rate
+    zero_factor = "A"  # PEFT's embedding init: A = 0, B random
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)

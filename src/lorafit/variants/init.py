@@ -113,9 +113,9 @@ class GaussianInit(Variant):
         return value == "gaussian"
 
     def plan(self, name, layer, ad, config, weight):
-        with torch.no_grad():
-            for part in ad.parts():
-                if not bool(part.lora_B.any()):  # B = 0: A can be anything; embeddings keep A = 0, B random
+        if layer.zero_factor == "B":  # A is the random factor: draw it N(0, 1/r); embeddings keep A = 0 (PEFT)
+            with torch.no_grad():
+                for part in ad.parts():
                     nn.init.normal_(part.lora_A, std=1.0 / part.r)
         return weight
 
