@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .layers import LoraLayer, ModulesToSave
-from .tree import drop_state, lora_layers, walk
+from .tree import drop_state, is_sharded, lora_layers, walk
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -85,7 +85,7 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
     honest path is the one PEFT users take: save the adapter (collective), load it into an
     unsharded base, merge there.
     """
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if is_sharded(model):
         raise ValueError(f"{what}: the model is sharded (FSDP2); save the adapter with lorafit.save_adapter "
                          "(on every rank), load it into an unsharded base and merge there")
 
