@@ -41,8 +41,7 @@ try:  # FSDPModule is re-exported for lorafit.train.sharded
 except ImportError:  # torch < 2.6 (the declared range starts at 2.4): FSDP2 lived under _composable
     from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: F401
 
-from .tree import full_tensor
-from .io import is_sharded as _io_is_sharded
+from .tree import full_tensor, is_sharded  # noqa: F401 - part of this module's API
 from .quant.layers import QuantizedLinear
 
 __all__ = [
@@ -122,11 +121,6 @@ def shard(model: nn.Module, *, mesh=None, blocks=None, param_dtype: torch.dtype 
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``model`` holds DTensor (FSDP2-sharded) parameters."""
-    return _io_is_sharded(model)
 
 
 def rank() -> int:
