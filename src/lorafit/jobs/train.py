@@ -97,8 +97,6 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     options.refuse_not_applicable(opts["task"], options.user_keys(flags, table))
     parse_targets(opts["targets"])
     sharded.refuse_unsupported(opts, task_class(opts["task"]).shards, int(os.environ.get("WORLD_SIZE", "1")))
-    if opts.get("stop_at_step") and task_class(opts["task"]).owns_loop:
-        raise LorafitError(f"--stop-at-step stops lorafit's own loop; --task {opts['task']} runs its own trainer")
     opts.pop("config", None)
     opts.pop("resume", None)
 

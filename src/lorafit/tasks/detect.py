@@ -61,6 +61,10 @@ NOT_APPLICABLE = {
     "packing": "packing joins token sequences (causal-lm)",
     "compile": "Ultralytics' own trainer runs the detector; lorafit cannot compile its loop",
     "attn_implementation": "a transformers setting; a YOLO detector has no such attention",
+    "fsdp": "it shards transformer blocks under lorafit's loop (causal-lm, text-classification); Ultralytics' "
+            "trainer runs the detector",
+    "stop_at_step": "it stops lorafit's own loop; Ultralytics' trainer runs the detector (stop it with Ctrl-C, "
+                    "then --resume)",
 }
 OPTIONS = [
     Option("data", "path", None, "detect: a YOLO data.yaml (path / train / val / names).", metavar="FILE.yaml",
