@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import lorafit
 from lorafit.layers import LoraAdapter, LoraLayer, check_shareable, master_dtype, register_kind, unregister_kind
+from lorafit.layers.batched import zero_slots
 
 IN1, IN2, OUT = 5, 4, 3
 
@@ -41,10 +42,8 @@ class BilinearLora(LoraLayer):
         return delta.to(self.base_layer.weight.dtype)
 
     def build_stacks(self, adapters, dtype, device):
-        r = max(a.r for a in adapters if a is not None)
-        w = self.base_layer.weight
-        a_stack = torch.zeros(len(adapters) + 1, r, *w.shape[1:], dtype=dtype, device=device)
-        b_stack = torch.zeros(len(adapters) + 1, w.shape[0], r, dtype=dtype, device=device)
+        w = self.base_layer.weight  # A [n + 1, r_max, in1, in2], B [n + 1, out, r_max]
+        a_stack, b_stack = zero_slots(adapters, w.shape[1:], w.shape[:1], dtype, device)
         for i, ad in enumerate(adapters):
             if ad is not None:
                 a_stack[i, : ad.r] = ad.lora_A.to(dtype)

@@ -27,7 +27,6 @@ for, a kind declares here, with a default that fits the plain ``W + s B A`` layo
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -36,7 +35,6 @@ import torch.nn as nn
 from .batched import batch_rows, cached_stacks
 
 MASTER_DTYPES = (torch.float32, torch.float64)
-log = logging.getLogger("lorafit")
 
 
 def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
