@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("lorafit.jobs.commands:INFO", "describe an adapter directory"),
     "export": ("lorafit.export.cli:EXPORT", "merge an adapter into a copy of its base and export ONNX / TorchScript"),
     "demo": ("lorafit.demo:DEMO", "offline end-to-end demos (`lorafit demo detect`: YOLO + LoRA + export)"),
+    "serve": ("lorafit.serve.cli:SERVE", "serve a base model and a directory of adapters over HTTP (OpenAI-compatible)"),
 }
 
 

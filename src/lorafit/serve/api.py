@@ -1,0 +1,227 @@
+"""The HTTP face (Starlette, run by uvicorn): OpenAI's routes for causal LMs, /v1/classify, health, metrics.
+
+Handlers only parse, check and tokenize, then hand rows to the engine and wait on futures; the
+model runs on the engine's worker thread, so ``/health`` and ``/metrics`` answer while a batch
+decodes. Every error is a JSON body in OpenAI's shape (``{"error": {"message", "type", "param",
+"code"}}``) with a 4xx/5xx status - unknown routes and methods included - so the ``openai``
+client raises its usual exceptions. A client that disconnects while its rows wait or decode
+cancels them (polled every 0.1 s, or at once for a stream): the worker drops those rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+from lorafit.serve.adapters import ServeError
+from lorafit.serve.engine import Job
+from lorafit.serve.generate import Row
+from lorafit.serve.requests import chat_spec, classify_spec, completion_spec, parse_body, read_fields
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _wait(request, futures: list[asyncio.Future], jobs: list[Job]) -> list[Any]:
+    pending = set(futures)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending and await request.is_disconnected():
+            for job in jobs:
+                job.cancelled.set()
+            raise ClientGone
+    results = [f.result() for f in futures]
+    err = next((r for r in results if isinstance(r, ServeError)), None)
+    if err is not None:
+        raise err
+    return results
+
+
+def build_app(server):
+    """The ASGI app of a :class:`lorafit.serve.server.Server` (its engine starts and stops with the app)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    backend, limits, metrics = server.backend, server.limits, server.metrics
+
+    def error(exc: ServeError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def endpoint(name: str, handler):
+        """Wrap a handler: JSON errors, the latency / status metrics."""
+        async def run(request: Request) -> Response:
+            t0 = time.perf_counter()
+            try:
+                response = await handler(request)
+            except ServeError as exc:
+                response = error(exc)
+            except ClientGone:
+                response = Response(status_code=499)
+            if not isinstance(response, StreamingResponse):  # a stream records itself when it ends
+                metrics.request(name, response.status_code, time.perf_counter() - t0)
+            return response
+        return run
+
+    async def body_of(request: Request, spec: dict) -> dict[str, Any]:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
+            raise ServeError(413, f"request body is {size} bytes; the limit is {limits.max_request_bytes} "
+                                  "(--max-request-bytes)")
+        return read_fields(parse_body(await request.body(), limits.max_request_bytes), spec)
+
+    def submit(kind: str, adapter: str | None, works: list[Any], on_emit=None) -> tuple[list[Job], list]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in works]
+
+        def deliver_to(fut):
+            def deliver(result):
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            return deliver
+        jobs = [Job(kind, adapter, w, deliver_to(f)) for w, f in zip(works, futures)]
+        server.engine.submit(jobs)
+        return jobs, futures
+
+    # ------------------------------------------------------------ causal LM
+    async def generate(request: Request, chat: bool) -> Response:
+        spec = (chat_spec if chat else completion_spec)(limits.max_tokens, limits.max_inputs)
+        f = await body_of(request, spec)
+        adapter = server.resolve(f["model"])
+        max_tokens = f.get("max_completion_tokens") or f["max_tokens"]
+        if chat:
+            prompts, param = [backend.encode_chat(f["messages"])], "messages"
+        else:
+            prompts, param = [backend.encode_prompt(p) for p in f["prompt"]], "prompt"
+        for ids in prompts:
+            backend.check_length(ids, max_tokens, param)
+        rows = [Row(ids, max_tokens, f["temperature"], f["top_p"], f["stop"],
+                    None if f["seed"] is None else f["seed"] + i) for i, ids in enumerate(prompts)]
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": f["model"]}
+        if f["stream"]:
+            return stream(request, chat, head, adapter, rows, bool((f["stream_options"] or {}).get("include_usage")))
+        jobs, futures = submit("generate", adapter, rows)
+        results = await _wait(request, futures, jobs)
+        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+                             "choices": [choice(chat, i, r) for i, r in enumerate(results)],
+                             "usage": usage(results)})
+
+    def choice(chat: bool, i: int, r: dict) -> dict:
+        if chat:
+            return {"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                    "finish_reason": r["finish_reason"]}
+        return {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+
+    def usage(results: list[dict]) -> dict:
+        p, c = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def stream(request: Request, chat: bool, head: dict, adapter, rows: list[Row], include_usage: bool):
+        """Server-sent events as OpenAI streams them: one chunk per text delta, then ``[DONE]``."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        for i, row in enumerate(rows):
+            row.emit = lambda delta, i=i: loop.call_soon_threadsafe(events.put_nowait, ("delta", i, delta))
+        jobs, futures = submit("generate", adapter, rows)
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(lambda f, i=i: events.put_nowait(("done", i, f.result())))
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        t0 = time.perf_counter()
+
+        def chunk(i: int, delta: str | None, reason: str | None) -> str:
+            if chat:
+                c = {"index": i, "delta": {} if delta is None else {"content": delta}, "logprobs": None,
+                     "finish_reason": reason}
+            else:
+                c = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            return f"data: {json.dumps({**head, 'object': obj, 'choices': [c]})}\n\n"
+
+        async def body():
+            status, done, results = 200, 0, []
+            try:
+                if chat:
+                    for i in range(len(rows)):
+                        first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                        yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
+                while done < len(rows):
+                    what, i, payload = await events.get()
+                    if what == "delta":
+                        yield chunk(i, payload, None)
+                        continue
+                    done += 1
+                    if isinstance(payload, ServeError):
+                        status = payload.status
+                        yield f"data: {json.dumps(payload.body())}\n\n"
+                        continue
+                    results.append(payload)
+                    yield chunk(i, None, payload["finish_reason"])
+                if include_usage and results:
+                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage(results)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # also on disconnect: Starlette cancels this generator
+                if done < len(rows):
+                    status = 499
+                    for job in jobs:
+                        job.cancelled.set()
+                metrics.request("chat" if chat else "completions", status, time.perf_counter() - t0)
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    # ------------------------------------------------------------ classification
+    async def classify(request: Request) -> Response:
+        f = await body_of(request, classify_spec(limits.max_inputs))
+        adapter = server.resolve(f["model"])
+        if adapter is None:
+            raise ServeError(400, f"model {f['model']!r} is the base, which has no trained classification head: "
+                                  "name an adapter (GET /v1/models)", param="model")
+        jobs, futures = submit("classify", adapter, [backend.encode(t) for t in f["input"]])
+        results = await _wait(request, futures, jobs)
+        return JSONResponse({"object": "list", "model": f["model"],
+                             "data": [{"index": i, **r} for i, r in enumerate(results)]})
+
+    # ------------------------------------------------------------ info
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": server.model_list()})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(server.health())
+
+    async def prometheus(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(len(server.store.resident), server.store.max_resident,
+                                                server.engine.queued()),
+                                 media_type="text/plain; version=0.0.4")
+
+    routes = [Route("/health", endpoint("health", health)), Route("/metrics", endpoint("metrics", prometheus)),
+              Route("/v1/models", endpoint("models", models))]
+    if "completions" in backend.endpoints:
+        routes += [Route("/v1/completions", endpoint("completions", lambda r: generate(r, False)), methods=["POST"]),
+                   Route("/v1/chat/completions", endpoint("chat", lambda r: generate(r, True)), methods=["POST"])]
+    if "classify" in backend.endpoints:
+        routes.append(Route("/v1/classify", endpoint("classify", classify), methods=["POST"]))
+    routes += [Route(path, endpoint(name, handler), methods=["POST"]) for path, name, handler in server.extra_routes]
+
+    async def http_error(request, exc: HTTPException):
+        hint = f" (this server has: {', '.join(r.path for r in routes)})" if exc.status_code == 404 else ""
+        return error(ServeError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}{hint}",
+                                "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
+
+    async def internal_error(request, exc: Exception):
+        return error(ServeError(500, f"internal error ({type(exc).__name__})", "server_error"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error},
+                     lifespan=lifespan)

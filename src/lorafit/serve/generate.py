@@ -1,0 +1,187 @@
+"""Batched generation with a different adapter per row: left padding, one KV cache, rows finish alone.
+
+One call decodes a batch of prompts together. Row i runs with adapter ``keys[i]`` (None = the
+base) through :func:`lorafit.adapter_batch`, so every forward - the prefill [B, T] and each decode
+step [B, 1] - is ONE pass of the base with each row's own low-rank update gathered in.
+
+Prompts of different lengths are padded on the left (``attention_mask`` 0 there) and given
+``position_ids`` that count real tokens only (mask.cumsum - 1), so each row computes what it
+would alone: the tests check a mixed batch against each row run as a batch of one and against
+``model.generate`` with the adapter set. A row that ends (EOS, a stop string, ``max_tokens``, or
+its client went away) is answered at once and dropped from the batch: the KV cache, mask,
+positions and adapter list are cut to the remaining rows (``DynamicCache.batch_select_indices``),
+so finished rows cost nothing further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+import lorafit
+
+
+@dataclass
+class Row:
+    """One prompt being decoded.
+
+    Attributes:
+        ids: prompt token ids.
+        max_tokens: new tokens at most.
+        temperature: 0 = greedy (argmax), else sampled from softmax(logits / temperature).
+        top_p: nucleus sampling mass (1.0 = off).
+        stop: strings that end the text (not included in it), as OpenAI's ``stop``.
+        seed: a per-row generator seed (reproducible sampling whatever the batch), or None.
+        cancelled: () -> bool, polled every step (a client that disconnected frees its row).
+        emit: (text delta) -> None for streaming, or None.
+        done: (text, finish_reason, n_generated) -> None, called exactly once.
+    """
+
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    emit: Callable[[str], None] | None = None
+    done: Callable[[str, str, int], None] = lambda text, reason, n: None
+    out: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already emitted
+    generator: torch.Generator | None = None
+
+
+def pick(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """logits [B, vocab] -> next token ids [B]; greedy rows by argmax, the others sampled per row."""
+    nxt = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        if row.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[i].float() / row.temperature, -1)
+        if row.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cut = (sorted_p.cumsum(-1) - sorted_p) >= row.top_p  # keep the smallest set reaching top_p
+            sorted_p[cut] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        if row.seed is not None and row.generator is None:
+            row.generator = torch.Generator(device=probs.device).manual_seed(int(row.seed))
+        nxt[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+    return nxt
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` not to stream yet: a partial UTF-8 character or stop string."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class Generator:
+    """Decodes batches of :class:`Row` on one causal LM.
+
+    Args:
+        model: a transformers causal LM with lorafit adapters (any cache-capable model whose
+            forward takes ``attention_mask``, ``position_ids``, ``past_key_values``).
+        tokenizer: decodes the new tokens.
+        pad_id: the id left padding uses (masked out, never attended).
+        eos_ids: ids that end a row.
+        on_tokens: (n) -> None, called with the number of tokens produced per step (metrics).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, pad_id: int, eos_ids: set[int],
+                 on_tokens: Callable[[int], None] = lambda n: None):
+        self.model, self.tok, self.pad_id, self.eos_ids, self.on_tokens = model, tokenizer, pad_id, eos_ids, on_tokens
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.2x renamed past_key_values to cache (the old name warns); older ones have only it
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_arg = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # prefill: last logits only
+
+    def _text(self, row: Row) -> str:
+        return self.tok.decode(row.out, skip_special_tokens=True)
+
+    def _forward(self, keys, **inputs):
+        with lorafit.adapter_batch(self.model, keys):
+            out = self.model(**inputs, **self.keep_arg, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        return cache, out.logits[:, -1]
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row], keys: list[str | None]) -> None:
+        """Decode every row to its end; each row's ``done`` is called as soon as it finishes."""
+        live = [i for i, r in enumerate(rows) if not r.cancelled()]
+        for i in set(range(len(rows))) - set(live):
+            rows[i].done("", "cancelled", 0)
+        if not live:
+            return
+        rows, keys = [rows[i] for i in live], [keys[i] for i in live]
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.ids):] = torch.tensor(r.ids)
+            mask[i, width - len(r.ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache, logits = self._forward(keys, input_ids=ids, attention_mask=mask, position_ids=pos)
+        last = pos[:, -1]
+        while True:
+            nxt = pick(logits, rows)
+            self.on_tokens(len(rows))
+            keep = []
+            for i, (row, t) in enumerate(zip(rows, nxt.tolist())):
+                if not self._step(row, t):
+                    keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                rows, keys = [rows[i] for i in keep], [keys[i] for i in keep]
+                nxt, mask, last = nxt[index], mask[index], last[index]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
+            last = last + 1
+            cache, logits = self._forward(keys, input_ids=nxt[:, None], attention_mask=mask,
+                                          position_ids=last[:, None], **{self.cache_arg: cache})
+
+    def _step(self, row: Row, token: int) -> bool:
+        """Add ``token`` to ``row``; True (and ``row.done`` called) when the row is finished."""
+        if row.cancelled():
+            row.done(self._text(row), "cancelled", len(row.out))
+            return True
+        if token in self.eos_ids:
+            return self._finish(row, self._text(row), "stop")
+        row.out.append(token)
+        text = self._text(row)
+        cut = _stop_cut(text, row.stop) if row.stop else None
+        if cut is not None:
+            return self._finish(row, text[:cut], "stop")
+        if len(row.out) >= row.max_tokens:
+            return self._finish(row, text, "length")
+        if row.emit is not None:
+            upto = len(text) - _held_back(text, row.stop)
+            if upto > row.sent:
+                row.emit(text[row.sent:upto])
+                row.sent = upto
+        return False
+
+    def _finish(self, row: Row, text: str, reason: str) -> bool:
+        if row.emit is not None and len(text) > row.sent:
+            row.emit(text[row.sent:])
+            row.sent = len(text)
+        row.done(text, reason, len(row.out))
+        return True
