@@ -1,0 +1,156 @@
+"""`lorafit serve` for causal LMs: the real server (uvicorn on a free loopback port), httpx and the openai client.
+
+Mixed-adapter batches must give each row what the row gives alone (``model.generate`` with that
+adapter loaded the ordinary way), the LRU must evict and reload, a new adapter directory must be
+served without a restart, and a disconnected client must free its row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorafit.serve import Background, Server
+from lorafit.tree import adapter_names
+from tests.serve.helpers import causal_adapter, greedy, load_reference
+
+PROMPTS = ["the film was", "hello, how are you today? the trip was", "q", "the concert was great, really"]
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    """DIR with adapters a, b, c (ranks 4, 8, 4) and a spare d outside it (hot-added later)."""
+    root = tmp_path_factory.mktemp("serve-adapters")
+    for i, (name, r) in enumerate(zip(NAMES, (4, 8, 4))):
+        causal_adapter(tiny_llama, root / "dir" / name, seed=i + 1, r=r)
+    causal_adapter(tiny_llama, root / "spare" / "d", seed=9)
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama, adapters):
+    """(adapter or None, prompt) -> greedy text of 10 tokens from a plain model with that adapter."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    out = {}
+    for name in [None, *NAMES]:
+        model = load_reference(tiny_llama, None if name is None else adapters / "dir" / name)
+        for p in PROMPTS:
+            out[name, p] = greedy(model, tok, p, 10)
+    model = load_reference(tiny_llama, adapters / "spare" / "d")
+    out["d", PROMPTS[0]] = greedy(model, tok, PROMPTS[0], 10)
+    assert len({out[n, PROMPTS[1]] for n in [None, *NAMES]}) == 4  # the adapters really differ
+    return out
+
+
+def make_server(model_dir, directory, **kw):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return Server(model, AutoTokenizer.from_pretrained(model_dir), directory, task="causal-lm", base_name="tiny",
+                  **kw)
+
+
+async def _complete_all(url, requests):
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        rs = await asyncio.gather(*(client.post("/v1/completions", json=r) for r in requests))
+    return [r.json() for r in rs]
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, expected):
+    # a long window: the 8 concurrent requests (4 adapters incl. the base, prompts of 4 lengths) form one batch
+    server = make_server(tiny_llama, adapters / "dir", max_resident=3, max_batch=16, window_ms=400)
+    with Background(server.app()) as bg:
+        reqs = [{"model": name or "tiny", "prompt": p, "max_tokens": 10, "temperature": 0}
+                for name, p in zip([None, *NAMES, "b", "a", "c", None], PROMPTS + PROMPTS[::-1])]
+        answers = asyncio.run(_complete_all(bg.url, reqs))
+        for req, ans in zip(reqs, answers):
+            name = None if req["model"] == "tiny" else req["model"]
+            assert ans["choices"][0]["text"] == expected[name, req["prompt"]], req
+            assert ans["model"] == req["model"] and ans["object"] == "text_completion"
+        batch = server.metrics.batch
+        assert batch.n < len(reqs) and batch.counts[batch.buckets.index(4)] < batch.n  # a batch of > 4 rows ran
+        assert server.metrics.batch_adapters.counts[1] < server.metrics.batch_adapters.n  # with > 2 adapters
+        # the openai client, a list prompt (one batch of rows with one adapter), and chat / streaming
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused")
+        listed = client.completions.create(model="b", prompt=PROMPTS, max_tokens=10, temperature=0)
+        assert [c.text for c in listed.choices] == [expected["b", p] for p in PROMPTS]
+        assert [m.id for m in client.models.list().data] == ["tiny", *NAMES]
+        chat = client.chat.completions.create(model="c", messages=[{"role": "user", "content": "the film"}],
+                                              max_tokens=6, temperature=0)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model="c", messages=[{"role": "user", "content": "the film"}], max_tokens=6, temperature=0, stream=True))
+        assert streamed == chat.choices[0].message.content and chat.usage.completion_tokens == 6
+        seeded = [client.completions.create(model="a", prompt="the", max_tokens=8, seed=5).choices[0].text
+                  for _ in range(2)]
+        assert seeded[0] == seeded[1]  # sampling with a seed is reproducible
+
+
+def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, expected, tmp_path):
+    directory = tmp_path / "dir"
+    shutil.copytree(adapters / "dir", directory)
+    server = make_server(tiny_llama, directory, max_resident=2, window_ms=1)
+    with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
+        def text(name, prompt=PROMPTS[1]):
+            r = client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 10,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        for name in NAMES:
+            assert text(name) == expected[name, PROMPTS[1]]
+        assert list(server.store.resident) == ["b", "c"] and len(adapter_names(server.model)) == 2
+        assert text("a") == expected["a", PROMPTS[1]]  # evicted, reloaded from its file
+        assert list(server.store.resident) == ["c", "a"] and len(adapter_names(server.model)) == 2
+        assert server.metrics.loads == 4 and server.metrics.evictions == 2
+        assert text("c") == expected["c", PROMPTS[1]] and server.metrics.loads == 4  # resident: no reload
+        # a new directory appears (written elsewhere, then renamed in): served without a restart
+        assert client.post("/v1/completions", json={"model": "d", "prompt": "x"}).status_code == 404
+        shutil.copytree(adapters / "spare" / "d", tmp_path / "incoming")
+        (tmp_path / "incoming").rename(directory / "d")
+        assert "d" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert text("d", PROMPTS[0]) == expected["d", PROMPTS[0]]
+        metrics = client.get("/metrics").text
+        assert "lorafit_resident_adapters 2" in metrics and "lorafit_adapter_evictions_total 3" in metrics
+        assert 'lorafit_requests_total{endpoint="completions",status="200"}' in metrics
+
+
+def _slow(model, seconds):
+    """A forward pre-hook that sleeps: generation long enough to disconnect in the middle of it."""
+    return model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+
+
+def test_disconnected_client_frees_its_row_and_health_answers_meanwhile(tiny_llama, adapters):
+    server = make_server(tiny_llama, adapters / "dir", window_ms=1)
+    hook = _slow(server.model, 0.02)
+    try:
+        with Background(server.app()) as bg:
+            body = {"model": "a", "prompt": "the film was", "max_tokens": 200, "temperature": 0.7, "stop": None}
+            with httpx.Client(base_url=bg.url, timeout=60) as client:
+                with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    assert r.status_code == 200
+                    next(r.iter_lines())  # the first chunk arrived: the row is decoding
+                    health = client.get("/health").json()  # answered while the batch runs
+                    assert health["batch_running_s"] is not None
+                # the stream is closed: the worker must drop the row long before 200 tokens
+                for _ in range(200):
+                    if server.engine.busy_since is None:
+                        break
+                    time.sleep(0.02)
+                assert server.engine.busy_since is None
+                assert server.metrics.tokens_generated < 100
+                before = server.metrics.tokens_generated
+                with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+                    client.post("/v1/completions", json=body, timeout=0.5)
+                for _ in range(200):
+                    if server.engine.busy_since is None:
+                        break
+                    time.sleep(0.02)
+                assert server.engine.busy_since is None and server.metrics.tokens_generated - before < 100
+                assert 'status="499"' in client.get("/metrics").text
+    finally:
+        hook.remove()
