@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
+from .bnb import BnbLora
 from .conv import ConvLora
 from .embedding import EmbeddingLora
 from .kinds import kinds, peft_suffixes, register_kind, unregister_kind, wrapper_for
@@ -16,7 +17,8 @@ from .mha import MhaLora
 from .quantized import QuantizedBase
 from .saved import ModulesToSave
 
-for _kind in (MhaLora, LinearLora, ConvLora, EmbeddingLora):
+# BnbLora before LinearLora: bitsandbytes layers subclass nn.Linear
+for _kind in (MhaLora, BnbLora, LinearLora, ConvLora, EmbeddingLora):
     register_kind(_kind, builtin=True)
 
 
@@ -25,6 +27,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return LinearLora.handles(module)
 
 
-__all__ = ["LoraAdapter", "LoraLayer", "LinearLora", "ConvLora", "EmbeddingLora", "MhaLora", "ModulesToSave",
+__all__ = ["LoraAdapter", "LoraLayer", "LinearLora", "BnbLora", "ConvLora", "EmbeddingLora", "MhaLora",
+           "ModulesToSave",
            "QuantizedBase", "register_kind", "unregister_kind", "kinds", "wrapper_for", "peft_suffixes",
            "is_linear_like", "is_conv1d_transformers", "check_shareable", "master_dtype"]
