@@ -8,7 +8,11 @@ fails alone. Adding a subcommand is one line here.
 
 Errors: anything raised as :class:`lorafit.common.errors.LorafitError` (bad input, bad flag
 value) prints ``lorafit: error: <one line>`` and exits with its ``exit_code`` (2 for usage and
-input errors), never a traceback. Argparse's own errors are turned into the same single line.
+input errors), never a traceback. Argparse's own errors are turned into the same single line,
+with the one prefix (``lorafit: error: unrecognized arguments: --warp (see lorafit train --help)``).
+
+``lorafit`` alone prints this help and exits 0, as other multi-command tools do; the embedded
+demo is ``lorafit train`` with no arguments.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors raise (one line, exit 2) instead of printing usage and exiting."""
 
     def error(self, message: str):
-        raise LorafitError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # the prefix is _say_error's alone: "lorafit: error: lorafit train: ..." said it twice
+        raise LorafitError(f"{message} (see {self.prog} --help)")
 
 
 def _load_command(name: str):
@@ -57,7 +62,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="lorafit",
         description="LoRA fine-tuning: train, evaluate, merge and inspect adapters.",
         epilog="Run `lorafit COMMAND --help` for the options of a command. "
-        "Start with `lorafit train` (no arguments).",
+        "Start with `lorafit train` (no arguments: the embedded demo).",
     )
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -123,11 +128,15 @@ def _leave_torchrun_worker(code: int) -> None:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        argv = ["train"]  # the README's first command: the embedded demo
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        if not argv:  # bare `lorafit`: what the commands are, not a training run
+            parser.print_help()
+            return 0
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would point at the top-level help; the command's help lists its flags
+            where = f"lorafit {args.command}" if getattr(args, "command", None) else "lorafit"
+            raise LorafitError(f"unrecognized arguments: {' '.join(unknown)} (see {where} --help)")
         if getattr(args, "_run", None) is None:
             parser.print_help()
             return 2

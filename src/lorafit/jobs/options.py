@@ -74,11 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser, options: list[Option]) -> Non
         group = groups.get(opt.group)
         if group is None:
             group = groups[opt.group] = parser.add_argument_group(GROUP_TITLES.get(opt.group, opt.group))
-        default_text = "" if opt.default is None or opt.kind == "bool" else f" [{opt.default}]"
         kwargs: dict[str, Any] = {
             "dest": opt.key,
             "default": argparse.SUPPRESS,
-            "help": opt.help + default_text,
+            "help": f"{opt.help} {default_text(opt)}".rstrip(),
         }
         if opt.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -89,6 +88,21 @@ def add_arguments(parser: argparse.ArgumentParser, options: list[Option]) -> Non
                 opt.metavar or (opt.choices and "{" + ",".join(opt.choices) + "}") or opt.key.upper()
             )
         group.add_argument("--" + opt.name, **kwargs)
+
+
+def default_text(opt: Option) -> str:
+    """What ``--help`` shows as the default: ``[8]``, ``[on]``, ``[none]``, or each task's value when
+    the tasks differ (``--batch-size``: ``[text-classification 32, causal-lm 8, ...]``; ``--lr``: the
+    LoRA rate, ``lr_lora``)."""
+    def shown(value: Any) -> str:
+        return "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    key = "lr_lora" if opt.key == "lr" else opt.key
+    per_task = {name: task_class(name).DEFAULTS.get(key, opt.default) for name in task_names()}
+    if len({shown(v) for v in per_task.values()}) > 1:
+        return "[" + ", ".join(f"{name} {shown(v)}" for name, v in per_task.items()) + "]"
+    value = next(iter(per_task.values()), opt.default)
+    return "" if value is None and "default" in opt.help else f"[{shown(value)}]"  # the help says it
 
 
 def load_yaml(path: str | Path, options: list[Option]) -> dict[str, Any]:

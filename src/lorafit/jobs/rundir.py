@@ -43,6 +43,7 @@ RUN_ENTRIES = frozenset(
         "data.yaml",
         "train_subset.txt",
         "ultralytics",
+        "tensorboard",
     }
 )
 SWAPPED = ("adapter", "model", "best")  # the directories checkpoint.replace_dir swaps in
@@ -52,7 +53,7 @@ SWAPPED = ("adapter", "model", "best")  # the directories checkpoint.replace_dir
 # adapter's shapes, the rows of each step or the learning-rate schedule, so it is refused.
 RESUMABLE_CHANGES = frozenset(
     {"device", "eval_every", "eval_before", "eval_batch_size", "save_every", "log_every", "grad_checkpointing",
-     "compile", "stop_at_step"}
+     "compile", "stop_at_step", "report_to"}
 )
 NOT_COMPARED = frozenset({"config", "resume", "out", "overwrite", "title"})
 

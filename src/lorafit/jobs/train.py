@@ -39,13 +39,16 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train import distributed, sharded
 from lorafit.train.loop import Trainer
 from lorafit.train.options import parse_targets
+from lorafit.train.tracking import parse_report_to
 from lorafit.train.progress import fmt_bytes, fmt_duration, peak_memory
 
 
 def quiet_transformers() -> None:
-    """No hub access, no download bars, no warnings about unused weights (the pooler)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """No download bars, no warnings about unused weights (the pooler).
+
+    ``HF_HUB_OFFLINE`` is the user's: the bundled models are local directories and load without
+    the network either way, and forcing it would stop an ``hf:`` dataset (``--train hf:NAME``).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers  # lazy: seconds to import; only jobs that build a model need it
 
@@ -96,6 +99,7 @@ def prepare(flags: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     # 2. validate: nothing but option values and config files is read
     options.refuse_not_applicable(opts["task"], options.user_keys(flags, table))
     parse_targets(opts["targets"])
+    parse_report_to(opts["report_to"])  # a missing tracker package: one line with the pip command
     sharded.refuse_unsupported(opts, task_class(opts["task"]).shards, int(os.environ.get("WORLD_SIZE", "1")))
     opts.pop("config", None)
     opts.pop("resume", None)

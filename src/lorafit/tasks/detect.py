@@ -60,6 +60,7 @@ NOT_APPLICABLE = {
     "grad_checkpointing": "Ultralytics' detection model has no activation checkpointing",
     "packing": "packing joins token sequences (causal-lm)",
     "compile": "Ultralytics' own trainer runs the detector; lorafit cannot compile its loop",
+    "report_to": "Ultralytics' own trainer runs the detector and has its own loggers (yolo settings)",
     "attn_implementation": "a transformers setting; a YOLO detector has no such attention",
     "fsdp": "it shards transformer blocks under lorafit's loop (causal-lm, text-classification); Ultralytics' "
             "trainer runs the detector",

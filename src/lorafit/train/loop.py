@@ -32,6 +32,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train.distributed import Dist
 from lorafit.common.errors import Interrupted, LorafitError, TrainingDiverged
 from lorafit.train.progress import MetricsLog, Progress, plot_loss
+from lorafit.train.tracking import TrackedLog, parse_report_to
 from lorafit.train.trainable import Trainable
 
 
@@ -272,7 +273,10 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume)
             self._ckpt_step = self.step
-        log = MetricsLog(metrics_path, resume_step=self.step if resume is not None else None)
+        resume_step = self.step if resume is not None else None
+        log = TrackedLog(MetricsLog(metrics_path, resume_step=resume_step),
+                         parse_report_to(self.opts.get("report_to"), check_installed=False), self.run_dir, self.opts,
+                         resume_step)
         progress = Progress(self.total_steps, self.step, self.dist.is_main, self.opts["log_every"], self.tty)
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -338,7 +342,7 @@ class Trainer:
             "records": log.records,
         }
 
-    def _run_eval(self, log: MetricsLog, progress: Progress) -> None:
+    def _run_eval(self, log: TrackedLog, progress: Progress) -> None:
         metrics = self.evaluate()
         if not metrics:
             return
@@ -361,7 +365,7 @@ class Trainer:
             elif self.sharded and self.save_model is not None and self.out_dir is not None:
                 self.save_model(self.model, self.out_dir / "best")  # collective; only rank 0 writes
 
-    def _interrupt(self, log: MetricsLog, progress: Progress) -> Interrupted:
+    def _interrupt(self, log: TrackedLog, progress: Progress) -> Interrupted:
         path = self.save_checkpoint()
         if self.run_dir is not None:
             plot_loss(log.records, self.run_dir / "loss.png", self.opts.get("title", ""))
@@ -372,7 +376,7 @@ class Trainer:
             f"{name} at step {self.step}/{self.total_steps}: checkpoint saved{where}", int(signum)
         )
 
-    def _diverged(self, loss: float, log: MetricsLog) -> TrainingDiverged:
+    def _diverged(self, loss: float, log: TrackedLog) -> TrainingDiverged:
         if self._ckpt_step is not None and self.run_dir is not None:
             keep = f"; last good checkpoint: {self.run_dir / ckpt.CHECKPOINT} (step {self._ckpt_step})"
         else:

@@ -236,6 +236,15 @@ OPTIONS: list[Option] = [
         group="output",
     ),
     Option(
+        "report-to",
+        "str",
+        "none",
+        "experiment trackers, a comma list of tensorboard, wandb, mlflow (or none): loss, lr and eval "
+        "metrics (tensorboard writes RUN/tensorboard/).",
+        metavar="LIST",
+        group="output",
+    ),
+    Option(
         "out",
         "path",
         None,
