@@ -3,9 +3,10 @@
 A backend has ``endpoints`` (the routes the app mounts for it), encoders called by the HTTP
 handlers (tokenizing is cheap and lets a too-long prompt be refused before it queues), and
 ``run(kind, jobs, keys)`` called by the :class:`~lorafit.serve.engine.Engine` worker with the
-internal adapter key of each row. Encoding never changes tokenizer state (no ``truncation=`` or
-``padding=`` arguments: the fast tokenizer's settings are shared with the worker thread, and
-changing them while it decodes raises "Already borrowed"); truncation is done on the id list.
+internal adapter key of each row. The causal LM's encoders pass no ``truncation=`` / ``padding=``
+arguments: those change the fast tokenizer's settings, which the worker thread reads while it
+decodes ("Already borrowed" when both happen at once). The classifier's tokenizer is used by the
+event loop alone, so it truncates as training did.
 """
 
 from __future__ import annotations
@@ -98,10 +99,8 @@ class TextClassifier:
         self.device = next(model.parameters()).device
 
     def encode(self, text: str) -> list[int]:
-        """``tokenizer(text, truncation=True, max_length=N)['input_ids']``, without touching its settings."""
-        body = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        body = body[: max(self.max_length - self.tok.num_special_tokens_to_add(), 0)]
-        return list(self.tok.build_inputs_with_special_tokens(body))
+        """Token ids cut to ``max_length`` exactly as training tokenized (only the event loop uses this tokenizer)."""
+        return list(self.tok(text, truncation=True, max_length=self.max_length)["input_ids"])
 
     @torch.inference_mode()
     def run(self, kind: str, jobs: list[Job], keys: list[str | None]) -> None:
