@@ -68,8 +68,8 @@ OPTIONS: list[Option] = [
         "train",
         "path",
         None,
-        "training data: .csv, .tsv or .jsonl (default for text-classification: "
-        "the embedded support-intent dataset).",
+        "training data: .csv, .tsv, .jsonl, .json, .parquet, .arrow, or hf:NAME[:SPLIT] for a Hub dataset "
+        "(default for text-classification: the embedded support-intent dataset).",
         metavar="FILE",
         group="data",
     ),
