@@ -68,8 +68,16 @@ class CausalLM:
                                   f"{self.max_positions} positions", param=param, code="context_length_exceeded")
 
     # ---------------------------------------------------------------- worker
-    def run(self, kind: str, jobs: list[Job], keys: list[str | None]) -> None:
-        rows: list[Row] = []
+    def run(self, kind: str, jobs: list[Job], keys: list[str | None], admit=None) -> None:
+        """Decode the batch; rows that ``admit`` hands over between steps join it."""
+        def join(n_live: int, live_keys: set):
+            new, new_keys = admit(n_live, live_keys)
+            return self._rows(new), new_keys
+        self.gen.run(self._rows(jobs), keys, join if admit is not None else None)
+
+    @staticmethod
+    def _rows(jobs: list[Job]) -> list[Row]:
+        rows = []
         for job in jobs:
             row: Row = job.work
             row.cancelled = job.cancelled.is_set
@@ -77,7 +85,7 @@ class CausalLM:
                 {"text": text, "finish_reason": reason, "completion_tokens": n,
                  "prompt_tokens": len(job.work.ids)}))
             rows.append(row)
-        self.gen.run(rows, keys)
+        return rows
 
 
 class TextClassifier:
@@ -103,7 +111,8 @@ class TextClassifier:
         return list(self.tok(text, truncation=True, max_length=self.max_length)["input_ids"])
 
     @torch.inference_mode()
-    def run(self, kind: str, jobs: list[Job], keys: list[str | None]) -> None:
+    def run(self, kind: str, jobs: list[Job], keys: list[str | None], admit=None) -> None:
+        """One forward for the batch (a classification is one step: nothing joins it)."""
         ids_list = [job.work for job in jobs]
         width = max(len(ids) for ids in ids_list)
         ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)

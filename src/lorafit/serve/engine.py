@@ -59,8 +59,9 @@ class Engine:
     """Queue + worker thread + adapter LRU around one backend (see module docstring).
 
     Args:
-        backend: has ``run(kind, jobs, keys)`` (keys[i]: the internal adapter key of jobs[i] or None)
-            and finishes every job it is given.
+        backend: has ``run(kind, jobs, keys, admit)`` (keys[i]: the internal adapter key of jobs[i] or
+            None) and finishes every job it is given; ``admit(n_live, live_keys) -> (jobs, keys)`` hands
+            it jobs that arrived since, for a backend that can join them to the running batch.
         store: the adapters.
         max_batch: rows per batch at most.
         window_s: how long the first job of a batch waits for company.
@@ -126,23 +127,29 @@ class Engine:
                 if left <= 0:
                     break
                 self.cond.wait(left)
-            kind = self.queue[0][1].kind
-            batch, adapters, rest = [], set(), deque()
-            while self.queue:
-                at, job = self.queue.popleft()
-                if job.cancelled.is_set():
-                    job.finish(ServeError(499, "the client closed the request", "cancelled"))
-                    continue
-                fits = job.kind == kind and len(batch) < self.max_batch and (
-                    job.adapter is None or job.adapter in adapters or len(adapters) < self.store.max_resident)
-                if fits:
-                    batch.append(job)
-                    if job.adapter is not None:
-                        adapters.add(job.adapter)
-                else:
-                    rest.append((at, job))
-            self.queue = rest
-            return batch
+            return self._select(self.queue[0][1].kind, self.max_batch, set())
+
+    def _select(self, kind: str, room: int, adapters: set[str]) -> list[Job]:
+        """Take queued jobs of ``kind`` in order: at most ``room``, adapters (with ``adapters``) <= max_resident.
+
+        Called with ``self.cond`` held. Cancelled jobs are answered and dropped; the rest stay in order.
+        """
+        batch, rest = [], deque()
+        while self.queue:
+            at, job = self.queue.popleft()
+            if job.cancelled.is_set():
+                job.finish(ServeError(499, "the client closed the request", "cancelled"))
+                continue
+            fits = job.kind == kind and len(batch) < room and (
+                job.adapter is None or job.adapter in adapters or len(adapters) < self.store.max_resident)
+            if fits:
+                batch.append(job)
+                if job.adapter is not None:
+                    adapters.add(job.adapter)
+            else:
+                rest.append((at, job))
+        self.queue = rest
+        return batch
 
     def _loop(self) -> None:
         while True:
@@ -156,9 +163,10 @@ class Engine:
                 finally:
                     self.busy_since = None
 
-    def _run(self, batch: list[Job]) -> None:
+    def _resolve(self, batch: list[Job], keep: set[str]) -> tuple[list[Job], list[str | None]]:
+        """Make the batch's adapters resident (``keep`` is not evicted); failed loads answer their jobs."""
         names = list(dict.fromkeys(j.adapter for j in batch if j.adapter is not None))
-        keys = self.store.ensure(names, keep=set(names))
+        keys = self.store.ensure(names, keep=keep | set(names))
         ok, ok_keys = [], []
         for job in batch:
             key = keys.get(job.adapter) if job.adapter is not None else None
@@ -167,17 +175,37 @@ class Engine:
             else:
                 ok.append(job)
                 ok_keys.append(key)
+        if ok:
+            self.metrics.batch_run(len(ok), len(set(ok_keys)))
+        return ok, ok_keys
+
+    def _admitter(self, kind: str, running: list[Job]):
+        """``admit(n_live, live_keys) -> (jobs, keys)`` for a backend that can join rows to a running batch."""
+        def admit(n_live: int, live_keys: set) -> tuple[list[Job], list[str | None]]:
+            room = self.max_batch - n_live
+            if room <= 0 or not self.queue:
+                return [], []
+            keep = {n for n, r in self.store.resident.items() if r.key in live_keys}
+            with self.cond:
+                new = self._select(kind, room, set(keep))
+            ok, keys = self._resolve(new, keep)
+            running.extend(ok)
+            return ok, keys
+        return admit
+
+    def _run(self, batch: list[Job]) -> None:
+        ok, ok_keys = self._resolve(batch, set())
         if not ok:
             return
-        self.metrics.batch_run(len(ok), len(set(ok_keys)))
+        running = list(ok)  # every job of this batch, joined ones included: a failure answers them all
         try:
-            self.backend.run(ok[0].kind, ok, ok_keys)
+            self.backend.run(ok[0].kind, ok, ok_keys, self._admitter(ok[0].kind, running))
         except ServeError as exc:
-            for job in ok:
+            for job in running:
                 job.finish(exc)
         except Exception as exc:  # noqa: BLE001 - the server keeps serving; the batch gets a 500
-            log.error("batch of %d rows failed:\n%s", len(ok), traceback.format_exc())
+            log.error("batch of %d rows failed:\n%s", len(running), traceback.format_exc())
             err = ServeError(500, f"internal error while running the batch ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''})", "server_error")
-            for job in ok:
+            for job in running:
                 job.finish(err)

@@ -74,6 +74,40 @@ def pick(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return nxt
 
 
+Admit = Callable[[int, set], tuple[list[Row], list]]
+
+
+def plain_layers(cache) -> list | None:
+    """The cache's per-layer objects when each holds plain ``keys`` / ``values`` [B, H, T, D] tensors, else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor)
+                             and isinstance(getattr(layer, "values", None), torch.Tensor)
+                             and not getattr(layer, "is_sliding", False) for layer in layers):
+        return None
+    return list(layers)
+
+
+def join(a: tuple, b: tuple) -> tuple:
+    """Two running batches (rows, keys, cache, logits, mask, last) -> one; the shorter is left-padded.
+
+    Padded cache entries are zeros under a 0 in the attention mask: never attended, so each row
+    computes what it computed before (positions are per row and unchanged).
+    """
+    rows_a, keys_a, cache, logits_a, mask_a, last_a = a
+    rows_b, keys_b, cache_b, logits_b, mask_b, last_b = b
+    width = max(mask_a.shape[1], mask_b.shape[1])
+    for la, lb in zip(plain_layers(cache), plain_layers(cache_b)):
+        for attr in ("keys", "values"):
+            x, y = getattr(la, attr), getattr(lb, attr)
+            x = nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))
+            y = nn.functional.pad(y, (0, 0, width - y.shape[-2], 0))
+            setattr(la, attr, torch.cat([x, y]))
+    mask = torch.cat([nn.functional.pad(mask_a, (width - mask_a.shape[1], 0)),
+                      nn.functional.pad(mask_b, (width - mask_b.shape[1], 0))])
+    return (rows_a + rows_b, keys_a + keys_b, cache, torch.cat([logits_a, logits_b]), mask,
+            torch.cat([last_a, last_b]))
+
+
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
@@ -120,14 +154,13 @@ class Generator:
         cache = out.cache if "cache" in out else out.past_key_values
         return cache, out.logits[:, -1]
 
-    @torch.inference_mode()
-    def run(self, rows: list[Row], keys: list[str | None]) -> None:
-        """Decode every row to its end; each row's ``done`` is called as soon as it finishes."""
+    def _prefill(self, rows: list[Row], keys: list[str | None]):
+        """Left-pad and run the prompts: (rows, keys, cache, last logits [B, V], mask [B, T], last position [B])."""
         live = [i for i, r in enumerate(rows) if not r.cancelled()]
-        for i in set(range(len(rows))) - set(live):
+        for i in sorted(set(range(len(rows))) - set(live)):
             rows[i].done("", "cancelled", 0)
         if not live:
-            return
+            return None
         rows, keys = [rows[i] for i in live], [keys[i] for i in live]
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -138,25 +171,42 @@ class Generator:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache, logits = self._forward(keys, input_ids=ids, attention_mask=mask, position_ids=pos)
-        last = pos[:, -1]
-        while True:
+        return rows, keys, cache, logits, mask, pos[:, -1]
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row], keys: list[str | None], admit: Admit | None = None) -> None:
+        """Decode every row to its end; each row's ``done`` is called as soon as it finishes.
+
+        ``admit(n_live, live_keys) -> (rows, keys)``, when given, is asked between decode steps for
+        rows that arrived meanwhile: they are prefilled on their own and joined to the running
+        batch (both KV caches left-padded to one length), so a new request waits one step, not
+        for the whole batch to end.
+        """
+        state = self._prefill(rows, keys)
+        while state is not None:
+            rows, keys, cache, logits, mask, last = state
             nxt = pick(logits, rows)
             self.on_tokens(len(rows))
-            keep = []
-            for i, (row, t) in enumerate(zip(rows, nxt.tolist())):
-                if not self._step(row, t):
-                    keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                rows, keys = [rows[i] for i in keep], [keys[i] for i in keep]
-                nxt, mask, last = nxt[index], mask[index], last[index]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
-            last = last + 1
-            cache, logits = self._forward(keys, input_ids=nxt[:, None], attention_mask=mask,
-                                          position_ids=last[:, None], **{self.cache_arg: cache})
+            keep = [i for i, (row, t) in enumerate(zip(rows, nxt.tolist())) if not self._step(row, t)]
+            state = None
+            if keep:
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    rows, keys = [rows[i] for i in keep], [keys[i] for i in keep]
+                    nxt, mask, last = nxt[index], mask[index], last[index]
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
+                last = last + 1
+                cache, logits = self._forward(keys, input_ids=nxt[:, None], attention_mask=mask,
+                                              position_ids=last[:, None], **{self.cache_arg: cache})
+                state = rows, keys, cache, logits, mask, last
+            if admit is None or (state is not None and plain_layers(cache) is None):
+                continue  # a cache this module cannot join (sliding window, old transformers): finish the batch
+            new_rows, new_keys = admit(len(rows) if state else 0, set(keys) if state else set())
+            joined = self._prefill(new_rows, new_keys) if new_rows else None
+            if joined is not None and state is not None:
+                joined = join(state, joined)
+            state = joined or state
 
     def _step(self, row: Row, token: int) -> bool:
         """Add ``token`` to ``row``; True (and ``row.done`` called) when the row is finished."""
