@@ -55,8 +55,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """Merge the active adapters and replace every wrapper by its base module.
 
     Args:
-        dtype: for quantized bases (issue QLoRA): the dtype of the dequantized nn.Linear that
-            replaces them; the update is merged in full precision.
+        dtype: for quantized bases (lorafit's NF4 / int8, bitsandbytes ``Linear4bit`` /
+            ``Linear8bitLt``): the dtype of the dequantized nn.Linear that replaces them (default:
+            the dtype the base was quantized from; fp32 for bitsandbytes 8-bit); the update is
+            merged into the decoded weight in fp32, so the result is a plain model.
     Returns:
         the same model object, with no lorafit module left.
     Raises:
