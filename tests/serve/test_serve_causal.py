@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 
 import httpx
@@ -154,3 +155,28 @@ def test_disconnected_client_frees_its_row_and_health_answers_meanwhile(tiny_lla
                 assert 'status="499"' in client.get("/metrics").text
     finally:
         hook.remove()
+
+
+def test_request_joins_a_running_batch_and_neither_row_changes(tiny_llama, adapters, expected):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    long_prompt = PROMPTS[3]
+    want_long = greedy(load_reference(tiny_llama, adapters / "dir" / "a"), tok, long_prompt, 40)
+    server = make_server(tiny_llama, adapters / "dir", window_ms=1)
+    hook = _slow(server.model, 0.01)
+    try:
+        with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
+            box = {}
+            worker = threading.Thread(target=lambda: box.update(long=client.post("/v1/completions", json={
+                "model": "a", "prompt": long_prompt, "max_tokens": 40, "temperature": 0}).json()))
+            worker.start()
+            while server.metrics.tokens_generated < 5:  # the long row is decoding
+                time.sleep(0.005)
+            short = client.post("/v1/completions", json={"model": "b", "prompt": PROMPTS[1], "max_tokens": 10,
+                                                         "temperature": 0}).json()
+            assert "long" not in box  # answered while the long row was still decoding: it joined that batch
+            worker.join()
+    finally:
+        hook.remove()
+    assert short["choices"][0]["text"] == expected["b", PROMPTS[1]]
+    assert box["long"]["choices"][0]["text"] == want_long
+    assert server.metrics.batch.n == 2  # the first batch, then the joined row (prefilled alone)

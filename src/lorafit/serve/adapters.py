@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 import lorafit
@@ -155,7 +156,9 @@ class AdapterStore:
                                   f"{info.get('task')!r}; this server serves {self.task!r}",
                              param="model", code="adapter_invalid")
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
+        # inference_mode(False): a load may be asked from inside a decode loop (a joining row), and
+        # parameters made under inference mode would have no version counter (adapter_batch's cache reads it)
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode(False):
             warnings.simplefilter("always")
             try:
                 lorafit.load_adapter(self.model, directory, adapter=key)  # all-or-nothing
@@ -198,7 +201,7 @@ class AdapterStore:
         self.metrics.count("evictions")
 
     def _delete(self, key: str) -> None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")  # "adapter ... is active now": the server never uses the active set
             lorafit.delete_adapter(self.model, key)
         for _, layer in lora_layers(self.model):
