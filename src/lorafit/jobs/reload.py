@@ -107,8 +107,8 @@ def eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval",
         metavar="FILE",
-        help="evaluation data: .csv / .tsv / .jsonl (text), an ImageFolder directory "
-        "(image-classification); required for those tasks",
+        help="evaluation data: a table as for `lorafit train --eval` (.csv .tsv .jsonl .json .parquet .arrow, "
+        "hf:NAME[:SPLIT]), an ImageFolder directory (image-classification); required for those tasks",
     )
     parser.add_argument(
         "--data",
