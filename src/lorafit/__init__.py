@@ -29,14 +29,16 @@ from .config import LoraConfig
 # imported eagerly (torch only): the function `hotswap` must shadow the submodule of the same name
 from .hotswap import hotswap, prepare_hotswap
 from .inject import inject
-from .io import load_adapter, read_adapter_config, save_adapter
+from .io import load_adapter, read_adapter_config, reload_adapter, save_adapter
+from .peft_format import infer_task_type, print_trainable_parameters
 from .merge import merge, merge_and_unload, merge_state_dict, unload, unmerge
 from .quant import load_quantized, quantize, save_quantized
 
 __all__ = [
     "LoraConfig", "inject", "trainable_parameters", "set_adapter", "delete_adapter", "disabled", "adapter_batch",
     "adapter_names", "active_adapters", "merge", "unmerge", "merge_and_unload", "unload", "merge_state_dict",
-    "save_adapter", "load_adapter", "read_adapter_config", "__version__",
+    "save_adapter", "load_adapter", "read_adapter_config", "reload_adapter", "print_trainable_parameters",
+    "infer_task_type", "__version__",
     "combine_adapters", "prepare_hotswap", "hotswap", "quantize", "save_quantized", "load_quantized", "optim",
     "quant",
 ]

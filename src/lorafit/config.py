@@ -10,6 +10,7 @@ lorafit does not implement (rather than silently computing something else).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from .common.matching import pattern_key
 INIT_VALUES = ("default", "gaussian", "pissa", "olora")  # also "pissa_niter_K" (K >= 0 power iterations)
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 BIAS_VALUES = ("none", "all", "lora_only")
+# PEFT's TaskType values: which PeftModel class (and AutoPeftModelFor...) an adapter belongs to
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 
 # PEFT config keys that change the computed function and that lorafit does not implement,
@@ -72,6 +75,10 @@ class LoraConfig:
         fan_in_fan_out: None = decided per layer (True for transformers Conv1D).
         use_dora: weight-decomposed LoRA (DoRA): a trainable magnitude per output, see
             `lorafit.variants.dora`.
+        task_type: PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ... or PEFT's `TaskType`); None lets
+            `save_adapter` infer it from the model class. Bookkeeping only: not compared, no effect on the math.
+        base_model_name_or_path: the base the adapter belongs to (kept from a loaded file; the model's own
+            name wins when it has one). Bookkeeping only, not compared.
     """
 
     r: int = 8
@@ -87,10 +94,13 @@ class LoraConfig:
     modules_to_save: tuple | None = None
     fan_in_fan_out: bool | None = None
     use_dora: bool = False
+    task_type: str | None = dataclasses.field(default=None, compare=False)
+    base_model_name_or_path: str | None = dataclasses.field(default=None, compare=False)
 
     def __init__(self, r=8, alpha=16, dropout=0.0, target_modules=None, exclude_modules=None,
                  rank_pattern=None, alpha_pattern=None, use_rslora=False, init="default", bias="none",
-                 modules_to_save=None, fan_in_fan_out=None, use_dora=False, **aliases):
+                 modules_to_save=None, fan_in_fan_out=None, use_dora=False, task_type=None,
+                 base_model_name_or_path=None, **aliases):
         values = dict(r=r, alpha=alpha, dropout=dropout, init=init)
         for key, val in aliases.items():
             if key not in ALIASES:
@@ -101,7 +111,8 @@ class LoraConfig:
                       rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
                       use_rslora=bool(use_rslora), bias=bias,
                       modules_to_save=tuple(modules_to_save) if modules_to_save else None,
-                      fan_in_fan_out=fan_in_fan_out, use_dora=bool(use_dora))
+                      fan_in_fan_out=fan_in_fan_out, use_dora=bool(use_dora), task_type=_enum_value(task_type),
+                      base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path))
         if values["init"] is True:
             values["init"] = "default"
         for key, val in values.items():
@@ -126,6 +137,8 @@ class LoraConfig:
                 ok = isinstance(val, int) and val >= 1 if field == "rank_pattern" else val > 0
                 if not ok:
                     raise ValueError(f"LoraConfig.{field}[{key!r}] must be positive, got {val!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"LoraConfig.task_type must be None or one of {TASK_TYPES}, got {self.task_type!r}")
         if self.fan_in_fan_out not in (None, True, False):
             raise ValueError(f"LoraConfig.fan_in_fan_out must be None, True or False, got {self.fan_in_fan_out!r}")
 
@@ -161,8 +174,8 @@ class LoraConfig:
             targets = list(targets)
         return {
             "peft_type": "LORA",
-            "task_type": None,
-            "base_model_name_or_path": base_model_name_or_path,
+            "task_type": self.task_type,
+            "base_model_name_or_path": base_model_name_or_path or self.base_model_name_or_path,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
@@ -184,9 +197,15 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
-        """Build a config from PEFT's json; refuses what would change the function unnoticed."""
+        """Build a config from PEFT's json, an in-memory PEFT dict (`peft.LoraConfig(...).to_dict()`, whose
+        `peft_type` / `task_type` are enums and target sets) or a `peft.LoraConfig` object itself;
+        refuses what would change the function unnoticed."""
+        if not isinstance(data, dict) and callable(getattr(data, "to_dict", None)) and hasattr(data, "peft_type"):
+            source = f"{type(data).__name__} object" if source == "adapter_config.json" else source
+            data = data.to_dict()  # a peft.LoraConfig (duck typed: peft stays optional)
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
+        data = {k: _enum_value(v) for k, v in data.items()}
         if data.get("peft_type") is None:
             raise ValueError(f"{source}: missing key 'peft_type' (not a PEFT/lorafit adapter config)")
         if str(data["peft_type"]).upper() != "LORA":
@@ -196,6 +215,7 @@ class LoraConfig:
         for key, off in _UNSUPPORTED_PEFT.items():
             if key in data and data[key] not in off:
                 raise ValueError(f"{source}: key {key!r}={data[key]!r} is not supported by lorafit")
+        task_type = data.get("task_type") if data.get("task_type") in TASK_TYPES else None  # bookkeeping only
         init = data.get("init_lora_weights", True)
         if init not in (True, False, "gaussian"):
             init = True  # weights come from the file; how they were first drawn does not matter
@@ -205,9 +225,31 @@ class LoraConfig:
                        rank_pattern=data.get("rank_pattern"), alpha_pattern=data.get("alpha_pattern"),
                        use_rslora=data.get("use_rslora", False), init=init, bias=data.get("bias", "none"),
                        modules_to_save=data.get("modules_to_save"), fan_in_fan_out=data.get("fan_in_fan_out"),
-                       use_dora=bool(data.get("use_dora") or False))
+                       use_dora=bool(data.get("use_dora") or False), task_type=task_type,
+                       base_model_name_or_path=data.get("base_model_name_or_path") or None)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source}: {exc}") from None
+
+
+def as_lora_config(config) -> LoraConfig:
+    """A `LoraConfig` as it is; a `peft.LoraConfig` object or a PEFT dict translated (`from_peft_dict`).
+
+    Raises:
+        TypeError: anything else (one line naming its type).
+    """
+    if isinstance(config, LoraConfig):
+        return config
+    if isinstance(config, dict) or (callable(getattr(config, "to_dict", None)) and hasattr(config, "peft_type")):
+        return LoraConfig.from_peft_dict(config, source=f"{type(config).__name__} config")
+    raise TypeError(f"config must be a lorafit.LoraConfig, a peft.LoraConfig or a PEFT config dict, "
+                    f"got {type(config).__name__}")
+
+
+def _enum_value(value):
+    """PEFT's str enums (PeftType.LORA, TaskType.CAUSAL_LM) as their value; sets of targets as sorted lists."""
+    if isinstance(value, set):
+        return sorted(value)
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _freeze_targets(value, field: str):

@@ -14,7 +14,7 @@ import logging
 import torch.nn as nn
 
 from .common.matching import name_matches
-from .config import LoraConfig, check_adapter_name
+from .config import LoraConfig, as_lora_config, check_adapter_name
 from .layers import LoraAdapter, LoraLayer, ModulesToSave, wrapper_for
 from .tree import (activate, active_names, base_named_parameters, base_parameters, is_sharded, model_state,
                    output_layer_ids, walk)
@@ -170,8 +170,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     Returns:
         the same model object.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lorafit.LoraConfig, got {type(config).__name__}")
+    config = as_lora_config(config)  # a peft.LoraConfig or a PEFT dict works too; anything else: TypeError
     check_adapter_name(adapter)
     plan = plan_injection(model, config, adapter)
     saved = plan_saved(model, config, adapter, {item.name for item in plan})

@@ -20,20 +20,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import safetensors.torch
-from safetensors import SafetensorError, safe_open
 
 from . import variants
 from ._version import __version__
 from .common.files import atomic_write, clean_stale_temps
-from .config import LoraConfig, check_adapter_name
+from .config import check_adapter_name
 from .inject import commit, plan_injection, plan_saved
 from .layers import LoraLayer, peft_suffixes, wrapper_for
+from .model_card import CARD_NAME, is_lorafit_card, model_card
+from .peft_format import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_state, adapter_tensors, base_vocab_size,  # noqa: F401
+                          check_embedding_rows, check_safetensors_header, infer_task_type, live_state,
+                          read_adapter_config, read_adapter_tensors, read_safetensors_shapes, reload_adapter,
+                          resized_embeddings, resolve_dir)
 from .tree import (adapter_configs, adapter_names, base_named_parameters, full_tensor, is_sharded, lora_layers,
-                   saved_modules, walk)
+                   on_new_state, walk)
 
-PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def fingerprint(named_weights) -> str | None:
@@ -55,38 +56,23 @@ def _base_weights(layers):
     return [(n, w) for n, w in ((n, layer.fingerprint_weight()) for n, layer in layers) if w is not None]
 
 
-def adapter_tensors(layer: LoraLayer, ad) -> dict:
-    """{PEFT key suffix: tensor} of one adapter on one layer: its kind's parts, then its variant's tensors."""
-    out = {}
-    for part, key_a, key_b in layer.peft_parts(ad):
-        out[key_a], out[key_b] = part.lora_A, part.lora_B
-    if ad.variant is not None:
-        out.update(ad.variant.tensors(ad))
-    return out
 
 
-def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """PEFT-format tensors of one adapter (keys without the ``base_model.model.`` prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
-        if adapter in layer.adapters:
-            for suffix, tensor in adapter_tensors(layer, layer.adapters[adapter]).items():
-                out[f"{name}.{suffix}"] = tensor
-    for name, mod in saved_modules(model):
-        if adapter in mod.modules_to_save:
-            for key, val in mod.modules_to_save[adapter].state_dict().items():
-                out[f"{name}.{key}"] = val
-    config = adapter_configs(model).get(adapter)
-    if config is not None and config.bias != "none":
-        for key, p in base_named_parameters(model):
-            if key.rsplit(".", 1)[-1] == "bias" and p.requires_grad:
-                out[key] = p
-    return {k: full_tensor(v.detach()).contiguous() for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, directory, adapter: str = "default", base_model_name_or_path: str | None = None,
-                 metadata: dict[str, str] | None = None, convert_to_lora: bool = False) -> Path:
+                 metadata: dict[str, str] | None = None, convert_to_lora: bool = False, metrics: dict | None = None,
+                 save_embedding_layers: bool | str = "auto") -> Path:
     """Write adapter `adapter` in PEFT's format to `directory` (created if needed).
+
+    ``adapter_config.json`` gets the config's ``task_type`` or, when it has none, the one the model
+    class implies (`lorafit.peft_format.infer_task_type`: what `AutoPeftModelFor...` needs), and
+    the base's name. ``README.md`` gets a model card (`lorafit.model_card`; `metrics`, name -> value,
+    are listed in it) unless the directory holds a README.md that lorafit did not write.
+
+    `save_embedding_layers` is PEFT's: with ``"auto"`` the input / output embeddings are saved too
+    (PEFT's keys, e.g. ``base_model.model.model.embed_tokens.weight``, with a warning) when their row
+    count differs from the base's vocab_size (a resized vocabulary); True always, False never.
 
     With ``convert_to_lora=True`` a PiSSA/OLoRA adapter is written as the plain LoRA adapter
     (rank 2r) that gives the same model on the ORIGINAL, unmodified base (see
@@ -129,6 +115,18 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     data = config.to_peft_dict(base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan,
                                target_modules=sorted(n for n, _ in layers))
     data["fan_in_fan_out"] = fan
+    data["task_type"] = config.task_type or infer_task_type(model)
+    embeddings = {k: full_tensor(v).contiguous() for k, v in
+                  resized_embeddings(model, data["base_model_name_or_path"], save_embedding_layers).items()}
+    if embeddings and save_embedding_layers == "auto":
+        rows = sorted({int(v.shape[0]) for v in embeddings.values()})
+        warnings.warn(f"adapter {adapter!r}: the vocabulary was resized ({'/'.join(map(str, rows))} rows, the base "
+                      f"has {base_vocab_size(model, data['base_model_name_or_path'])}): saving the embedding layers "
+                      f"with it ({', '.join(embeddings)})", stacklevel=2)
+    card = model_card(config, data["base_model_name_or_path"], data["task_type"], [n for n, _ in layers],
+                      sum(t.numel() for t in tensors.values()), sum(p.numel() for _, p in base_named_parameters(model)),
+                      list(embeddings), metrics)
+    tensors = {**tensors, **embeddings}
     meta = {"format": "pt", "lorafit_version": __version__}
     fp = None if convert_to_lora else fingerprint(_base_weights(layers))  # converted: fits the original base
     if fp:
@@ -140,10 +138,13 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # e.g. a file created in the way since the check above, or no permission
             raise ValueError(f"{directory}: cannot create the adapter directory ({exc.strerror or exc})") from None
-        clean_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))
+        clean_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
             {PREFIX + k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta))
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+        readme = directory / CARD_NAME
+        if not readme.exists() or (readme.is_file() and is_lorafit_card(readme.read_text("utf-8", "replace"))):
+            atomic_write(readme, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
 
     if is_sharded(model):
         _rank0_writes(write)
@@ -168,84 +169,14 @@ def _rank0_writes(write) -> None:
         raise ValueError(f"rank 0 could not write the adapter ({box[0]})")
 
 
-def resolve_dir(directory, adapter: str) -> Path:
-    check_adapter_name(adapter)  # it may name a sub-directory: never "..", "/abs" or "a/b"
-    d = Path(directory)
-    if not (d / CONFIG_NAME).is_file() and (d / adapter / CONFIG_NAME).is_file():
-        d = d / adapter
-    if not d.is_dir():
-        raise ValueError(f"{d}: adapter directory not found")
-    if not (d / CONFIG_NAME).is_file():
-        raise ValueError(f"{d}: no {CONFIG_NAME} in the adapter directory")
-    return d
 
 
-def read_adapter_config(directory, adapter: str = "default") -> LoraConfig:
-    """The validated LoraConfig of an adapter directory (lorafit's or PEFT's)."""
-    path = resolve_dir(directory, adapter) / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return LoraConfig.from_peft_dict(data, source=str(path))
 
 
-def read_adapter_tensors(directory, adapter: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors without the PEFT prefix, safetensors metadata). Never unpickles."""
-    d = resolve_dir(directory, adapter)
-    path = d / WEIGHTS_NAME
-    if not path.is_file():
-        if (d / "adapter_model.bin").is_file():
-            raise ValueError(f"{d / 'adapter_model.bin'}: pickled adapters are not loaded (unsafe); "
-                             "convert it to adapter_model.safetensors")
-        raise ValueError(f"{path}: file not found")
-    check_safetensors_header(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}, meta
 
 
-def check_safetensors_header(path: Path) -> None:
-    """Check the file's first 8 bytes (the little-endian JSON header length) against its size.
-
-    Done before any parser sees the file, so a zero-byte, truncated or foreign file, or one
-    declaring a huge header, is refused with its size named and nothing allocated for it.
-
-    Raises:
-        ValueError: one line naming the file.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise ValueError(f"{path}: not a valid safetensors file ({size} bytes; the 8-byte header length "
-                         "is missing)")
-    with open(path, "rb") as f:
-        declared = int.from_bytes(f.read(8), "little")
-    if declared > size - 8:
-        raise ValueError(f"{path}: not a valid safetensors file (declares a {declared}-byte header but the file "
-                         f"has {size} bytes: truncated, or not safetensors)")
 
 
-def read_safetensors_shapes(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """({key: shape}, metadata) of a safetensors file without reading any tensor data.
-
-    Raises:
-        ValueError: one line naming the file when it is missing, truncated or not safetensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    check_safetensors_header(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
-    return shapes, meta
 
 
 def classify_file(tensors, infos, file) -> tuple[dict, dict]:
@@ -341,6 +272,7 @@ def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Mo
     file = resolve_dir(directory, adapter) / WEIGHTS_NAME
     infos = {name: mod for name, mod, _, _ in walk(model) if name}
     lora, rest = classify_file(tensors, infos, file)
+    check_embedding_rows(model, rest, file)  # a resized vocabulary onto a base of another size: one clear line
     only = {path: _form(path, slots, infos, file) for path, slots in lora.items()}
     if not only:
         raise ValueError(f"{file}: no LoRA weights in the file")
@@ -391,3 +323,54 @@ def _load_biases(model, rest, file):
                              f"{tuple(target.shape)}")
         out.append((target, val.to(target.dtype)))
     return out
+
+
+def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,
+                    selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
+                    push_to_hub: bool = False, **ignored) -> None:
+    """``model.save_pretrained`` of a LoRA-injected transformers model: its adapters, as PEFT's PeftModel writes them.
+
+    Adapter "default" goes in `save_directory`, any other in ``save_directory/<name>`` (PEFT's layout;
+    `selected_adapters` picks some). transformers' `Trainer` / TRL's `SFTTrainer` call this for every
+    checkpoint and for `save_model`, so they hold the adapter, never the wrapped model under lorafit's
+    module names (which ``from_pretrained`` would load with randomly initialised weights). Other
+    keyword arguments of transformers' ``save_pretrained`` (``safe_serialization``, ``max_shard_size``,
+    ...) are accepted and ignored: an adapter is one safetensors file.
+
+    Raises:
+        ValueError: a `state_dict` (DeepSpeed / accelerate FSDP hand the gathered weights this way:
+            not supported, nothing is written) or ``push_to_hub=True`` (save, then upload the directory).
+    """
+    if state_dict is not None:
+        raise ValueError("save_pretrained of a lorafit model writes its adapters from its own weights; a state_dict "
+                         "(DeepSpeed / accelerate FSDP) is not supported: save with lorafit.save_adapter")
+    if push_to_hub:
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a lorafit model: save it, then "
+                         "upload the directory (huggingface_hub.upload_folder)")
+    if not is_main_process:
+        return
+    for name in selected_adapters or list(adapter_configs(model)):
+        save_adapter(model, Path(save_directory) / name if name != "default" else save_directory, name,
+                     save_embedding_layers=save_embedding_layers)
+
+
+class AdapterSavePretrained:
+    """The instance attribute ``model.save_pretrained`` of an injected model that has that method (duck typed:
+    transformers' PreTrainedModel, diffusers' ModelMixin). `lorafit.tree.drop_state` removes it again, so a
+    model that `merge_and_unload` returns saves as a whole model. Deep copies follow the copied model."""
+
+    lorafit_owned = True  # tree.drop_state removes instance attributes marked so
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        if not lora_layers(self.model) and not adapter_configs(self.model):
+            return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        return save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+@on_new_state
+def _install_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = AdapterSavePretrained(model)

@@ -8,6 +8,7 @@ layer's insides.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -35,12 +36,28 @@ class ModelState:
     hotswap_rank: int | None = None
 
 
+_NEW_STATE_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def on_new_state(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)``, called when a model gets its `ModelState` (its first adapter).
+
+    How a layer above gives an injected model more behaviour without this layer importing it
+    (`lorafit.io` makes ``model.save_pretrained`` write the adapter). What a hook sets on the model
+    as an attribute marked ``lorafit_owned = True`` is removed by `drop_state`.
+    """
+    _NEW_STATE_HOOKS.append(hook)
+    return hook
+
+
 def model_state(model: nn.Module) -> ModelState:
-    """The model's state, created empty on first use."""
+    """The model's state, created empty on first use (the `on_new_state` hooks run then)."""
     state = getattr(model, _STATE, None)
     if state is None:
         state = ModelState()
         setattr(model, _STATE, state)
+        for hook in _NEW_STATE_HOOKS:
+            hook(model)
     return state
 
 
@@ -51,8 +68,12 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def drop_state(model: nn.Module) -> None:
+    """Forget the adapters' state and undo what the `on_new_state` hooks set (the model is plain again)."""
     if getattr(model, _STATE, None) is not None:
         delattr(model, _STATE)
+    for key, value in list(vars(model).items()):
+        if getattr(value, "lorafit_owned", False) is True:
+            delattr(model, key)
 
 
 def walk(model: nn.Module):

@@ -316,4 +316,4 @@ def test_stale_temp_files_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path
     model = Tiny()
     lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"]))
     lorafit.save_adapter(model, d)
-    assert sorted(p.name for p in d.iterdir()) == sorted(others[1:] + ["adapter_config.json", WEIGHTS])
+    assert sorted(p.name for p in d.iterdir()) == sorted(others[1:] + ["adapter_config.json", WEIGHTS, "README.md"])

@@ -88,9 +88,9 @@ def test_quantized_storage_becomes_int_parameters_fsdp2_can_shard(cls, ints):
 
 def test_only_rank0_writes_and_every_rank_returns_the_files(ranks):
     for kind in ("fp32", "nf4"):
-        assert ranks[kind, 0]["writes"] == 2 and ranks[kind, 1]["writes"] == 0
+        assert ranks[kind, 0]["writes"] == 3 and ranks[kind, 1]["writes"] == 0  # weights, config, model card
         for r in range(WORLD):
-            assert ranks[kind, r]["files_on_return"] == ["adapter_config.json", "adapter_model.safetensors"]
+            assert ranks[kind, r]["files_on_return"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def _fresh(kind):
