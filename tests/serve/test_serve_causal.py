@@ -157,26 +157,29 @@ def test_disconnected_client_frees_its_row_and_health_answers_meanwhile(tiny_lla
         hook.remove()
 
 
-def test_request_joins_a_running_batch_and_neither_row_changes(tiny_llama, adapters, expected):
+def test_requests_join_a_running_batch_and_no_row_changes(tiny_llama, adapters, expected):
+    """A short prompt joins (its cache left-padded), then a long one (the running cache left-padded)."""
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    long_prompt = PROMPTS[3]
-    want_long = greedy(load_reference(tiny_llama, adapters / "dir" / "a"), tok, long_prompt, 40)
+    long_prompt = "the film was great, " * 12
+    want_running = greedy(load_reference(tiny_llama, adapters / "dir" / "a"), tok, PROMPTS[1], 40)
+    want_long = greedy(load_reference(tiny_llama, adapters / "dir" / "c"), tok, long_prompt, 8)
     server = make_server(tiny_llama, adapters / "dir", window_ms=1)
     hook = _slow(server.model, 0.01)
     try:
         with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
+            def ask(name, prompt, n):
+                return client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": n,
+                                                            "temperature": 0}).json()["choices"][0]["text"]
             box = {}
-            worker = threading.Thread(target=lambda: box.update(long=client.post("/v1/completions", json={
-                "model": "a", "prompt": long_prompt, "max_tokens": 40, "temperature": 0}).json()))
+            worker = threading.Thread(target=lambda: box.update(running=ask("a", PROMPTS[1], 40)))
             worker.start()
-            while server.metrics.tokens_generated < 5:  # the long row is decoding
+            while server.metrics.tokens_generated < 5:  # the first row is decoding
                 time.sleep(0.005)
-            short = client.post("/v1/completions", json={"model": "b", "prompt": PROMPTS[1], "max_tokens": 10,
-                                                         "temperature": 0}).json()
-            assert "long" not in box  # answered while the long row was still decoding: it joined that batch
+            assert ask("b", PROMPTS[0], 10) == expected["b", PROMPTS[0]]
+            assert ask("c", long_prompt, 8) == want_long
+            assert "running" not in box  # both answered while the first row still decoded: they joined its batch
             worker.join()
     finally:
         hook.remove()
-    assert short["choices"][0]["text"] == expected["b", PROMPTS[1]]
-    assert box["long"]["choices"][0]["text"] == want_long
-    assert server.metrics.batch.n == 2  # the first batch, then the joined row (prefilled alone)
+    assert box["running"] == want_running
+    assert server.metrics.batch.n == 3  # the first batch, then each joined row (prefilled alone)
