@@ -55,9 +55,14 @@ def parse_report_to(value: str | None, check_installed: bool = True) -> list[str
     names = list(dict.fromkeys(names))
     if check_installed:
         for name in names:
-            if importlib.util.find_spec(name) is None:
+            if not installed(name):
                 raise LorafitError(f"--report-to {name}: the package {name} is not installed ({INSTALL[name]})")
     return names
+
+
+def installed(name: str) -> bool:
+    """Whether the package ``name`` can be imported (without importing it)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
