@@ -8,6 +8,7 @@ Run directory layout (rank 0 writes, everything atomically)::
     metrics.jsonl    one line per step (loss, lr, tokens/s) and per evaluation
     metrics.json     final numbers (eval metric, train_time_s, trainable_params, adapter_bytes, ...)
     loss.png         training (and eval) loss
+    tensorboard/     event files, with --report-to tensorboard (lorafit.train.tracking)
     checkpoint.pt    while running or after an interruption (removed when the run completes)
 
 A new run's ``--out`` must be absent or empty (``--overwrite`` replaces an old run), and
