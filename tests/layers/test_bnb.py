@@ -209,3 +209,13 @@ def test_adapter_from_a_bnb_base_loads_in_peft_onto_the_float_base(float_dir, bi
     base_err = (base_bnb - y_float).abs().max().item()  # what quantizing the base costs alone
     assert (y_peft - y_bnb).abs().max().item() <= 2 * base_err
     assert (y_peft - y_float).abs().max().item() > 10 * base_err  # the adapter is not a no-op
+
+
+@pytest.mark.parametrize("kw, expect", [({"use_dora": True}, "DoRA on a quantized base is not supported"),
+                                        ({"init": "pissa"}, "init='pissa' is supported on Linear")])
+def test_dora_and_pissa_refuse_a_bnb_base_and_leave_it_unchanged(kw, expect):
+    base = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(DEVICE)
+    model = torch.nn.Sequential(base)
+    with pytest.raises(ValueError, match=expect):
+        lorafit.inject(model, lorafit.LoraConfig(r=4, target_modules=["0"], **kw))
+    assert model[0] is base

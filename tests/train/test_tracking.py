@@ -132,3 +132,15 @@ def test_missing_tracker_is_one_line_with_the_pip_command(tracker, tmp_path, cap
     assert code == 2 and err == (f"lorafit: error: --report-to {tracker}: the package {tracker} is not "
                                  f"installed (pip install {tracker})")
     assert not (tmp_path / "run").exists()  # refused before the model or the run directory
+
+
+def test_overwrite_removes_the_old_event_files(tmp_path):
+    from lorafit.jobs import rundir
+
+    run = tmp_path / "run"
+    Trainer(toy_model(), ToyTask(), toy_rows(), None, toy_opts(report_to="tensorboard"), Dist(), run).fit()
+    (run / "config.yaml").write_text("rank: 2\n")
+    assert any((run / "tensorboard").iterdir())
+    rundir.check_new_run(str(run), True)  # --overwrite: tensorboard/ is a run entry, not a foreign file
+    rundir.clear_old_run(str(run))
+    assert not (run / "tensorboard").exists()
