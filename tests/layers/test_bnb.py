@@ -206,6 +206,9 @@ def test_adapter_from_a_bnb_base_loads_in_peft_onto_the_float_base(float_dir, bi
     with torch.no_grad():
         y_peft, y_lf, y_float = in_peft(batch).logits, in_lorafit(batch).logits, float_model(batch).logits
     assert torch.allclose(y_peft, y_lf, atol=1e-5)  # the file means the same to PEFT and lorafit
+    on_bnb = peft.PeftModel.from_pretrained(load(float_dir, bits), str(tmp_path / "adapter")).train()
+    with torch.no_grad():  # PEFT on the same bitsandbytes base: the same numbers as lorafit there
+        assert torch.allclose(on_bnb(batch).logits, y_bnb, atol=1e-5 if bits == 4 else 1e-3)
     base_err = (base_bnb - y_float).abs().max().item()  # what quantizing the base costs alone
     assert (y_peft - y_bnb).abs().max().item() <= 2 * base_err
     assert (y_peft - y_float).abs().max().item() > 10 * base_err  # the adapter is not a no-op
