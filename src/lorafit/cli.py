@@ -53,7 +53,7 @@ def _load_command(name: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        raise LorafitError(f"lorafit {name}: needs a package that is not installed ({exc})") from None
+        raise LorafitError(f"`lorafit {name}` needs a package that is not installed ({exc})") from None
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

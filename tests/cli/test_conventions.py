@@ -39,6 +39,16 @@ def test_argparse_errors_have_one_prefix(argv, expect, capsys):
     assert lines[0].count("lorafit:") == 1, lines[0]  # was "lorafit: error: lorafit train: ..."
 
 
+def test_a_command_missing_its_package_is_one_prefixed_line(monkeypatch, capsys):
+    import lorafit.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("lorafit_no_such_module:CMD", "a command whose package is missing"))
+    assert main(["fake"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lorafit: error: `lorafit fake` needs a package that is not installed "
+                   "(No module named 'lorafit_no_such_module')")
+
+
 def test_hf_hub_offline_is_the_users(monkeypatch):
     pytest.importorskip("transformers")
     from lorafit.jobs.train import quiet_transformers
