@@ -4,6 +4,10 @@ Run ``python -m lorafit.data.generate`` to rewrite ``support_train.csv`` and ``s
 next to this file. The output is a pure function of the templates below and a fixed seed, so the
 shipped files can be checked against a fresh generation (tests do).
 
+``support_chat_train.jsonl`` / ``support_chat_eval.jsonl`` (the causal-lm task's embedded default) are
+the same tickets as chat rows: the user turn asks for a fixed JSON shape, the assistant turn is
+``{"intent": ..., "urgent": ...}`` (urgent: the ticket says "Urgent" or that it is asked again).
+
 Why generated: the package must train offline with no download and no third-party data licence.
 Why intents rather than sentiment: five string labels exercise the label-set handling, and the
 messages share vocabulary across labels ("account", "order", "charge"), so a frozen encoder with a
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 from pathlib import Path
 
@@ -209,12 +214,34 @@ def to_csv(rows: list) -> str:
     return buf.getvalue()
 
 
+N_CHAT_TRAIN, N_CHAT_EVAL = 600, 100
+CHAT_INSTRUCTION = ("Read the customer support ticket below and reply with JSON only, in the form "
+                    '{"intent": "<account|billing|returns|shipping|technical>", "urgent": <true|false>}.\n\n'
+                    "Ticket: ")
+
+
+def chat_answer(text: str, label: str) -> str:
+    """The assistant's answer to one ticket (one line of JSON, keys in a fixed order)."""
+    urgent = text.startswith("Urgent") or "second time" in text
+    return json.dumps({"intent": label, "urgent": urgent})
+
+
+def to_chat_jsonl(rows: list) -> str:
+    """(text, label) rows -> jsonl of ``{"messages": [user, assistant]}`` rows."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": CHAT_INSTRUCTION + text},
+                                      {"role": "assistant", "content": chat_answer(text, label)}]})
+             for text, label in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
     train, evaluation = generate()
     (here / "support_train.csv").write_text(to_csv(train), encoding="utf-8")
     (here / "support_eval.csv").write_text(to_csv(evaluation), encoding="utf-8")
-    print(f"wrote {len(train)} train and {len(evaluation)} eval rows to {here}")
+    (here / "support_chat_train.jsonl").write_text(to_chat_jsonl(train[:N_CHAT_TRAIN]), encoding="utf-8")
+    (here / "support_chat_eval.jsonl").write_text(to_chat_jsonl(evaluation[:N_CHAT_EVAL]), encoding="utf-8")
+    print(f"wrote {len(train)} train and {len(evaluation)} eval rows to {here} (and the chat versions)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def refuse_not_applicable(task: str, given: set[str]) -> None:
         raise LorafitError(f"--{key.replace('_', '-')} does not apply to --task {task} ({table[key]})")
 
 
+# a task's EMBEDDED option values apply when the user gave none of these (flags, --config or a resumed run)
+EMBEDDED_UNLESS = {"model", "train", "eval"}
+
 GROUP_TITLES = {"job": "job", "data": "data", "lora": "adapter", "training": "training", "output": "output"}
 
 # A negative number, exponent included. argparse's own pattern (``-1``, ``-.5``) misses ``-1e-3``,
@@ -163,7 +166,9 @@ def resolve(
         base_source: label of ``base`` for messages.
 
     Returns:
-        The resolved options. ``alpha`` defaults to 2 x rank; ``lr`` and ``batch_size`` come from the
+        The resolved options. A task's ``EMBEDDED`` values (its embedded default job) sit between its
+        defaults and the user's layers when the user named no model and no data. ``alpha`` defaults
+        to 2 x rank; ``lr`` and ``batch_size`` come from the
         task defaults when unset (they depend on ``full_finetune``).
     """
     by_key = {o.key: o for o in options}
@@ -178,6 +183,8 @@ def resolve(
     task = user.get("task") or by_key["task"].default
     merged = {o.key: o.default for o in options}
     merged.update(task_defaults(task))
+    if not user.keys() & EMBEDDED_UNLESS:  # no model and no data: the task's embedded default job
+        merged.update(task_class(task).EMBEDDED)
     merged.update(user)
     merged["task"] = task
     if merged.get("alpha") is None:

