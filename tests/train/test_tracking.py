@@ -91,6 +91,7 @@ def test_wandb_and_mlflow_get_the_same_scalars(tmp_path, monkeypatch):
                                     finish=lambda: calls.append(("wandb-finish",)))
     wandb = types.SimpleNamespace(init=lambda **kw: calls.append(("wandb-init", kw)) or run_obj)
     mlflow = types.SimpleNamespace(
+        active_run=lambda: None,
         start_run=lambda **kw: calls.append(("mlflow-start", kw)),
         log_params=lambda p: calls.append(("mlflow-params", p)),
         log_metrics=lambda values, step: calls.append(("mlflow", step, dict(values))),
@@ -106,6 +107,7 @@ def test_wandb_and_mlflow_get_the_same_scalars(tmp_path, monkeypatch):
     for name in ("wandb", "mlflow"):
         got = [(c[1], c[2]) for c in calls if c[0] == name]
         assert got == expected, name
+    assert ("mlflow-start", {"run_name": "run", "nested": False}) in calls
     assert calls[-2:] == [("wandb-finish",), ("mlflow-end",)]
 
 

@@ -119,7 +119,8 @@ class _MLflow:
         import mlflow  # lazy: optional, installed by the user
 
         self.mlflow = mlflow
-        mlflow.start_run(run_name=run_dir.name)
+        # inside a run the caller started (a notebook, a pipeline step), ours is its child
+        mlflow.start_run(run_name=run_dir.name, nested=mlflow.active_run() is not None)
         if resume_step is None:  # params are write-once in MLflow
             mlflow.log_params({k: v for k, v in opts.items() if v is not None})
 
