@@ -126,6 +126,18 @@ def test_report_to_values():
         "eval/accuracy": 0.5, "eval/loss": 1.0}
 
 
+def test_report_to_from_a_yaml_list(tmp_path):
+    from lorafit.jobs.options import all_options, load_yaml
+
+    (tmp_path / "a.yaml").write_text("report_to: [tensorboard, none]\n")
+    (tmp_path / "b.yaml").write_text("report-to:\n  - tensorboard\n")
+    (tmp_path / "c.yaml").write_text("report_to: {tensorboard: 1}\n")
+    assert load_yaml(tmp_path / "a.yaml", all_options()) == {"report_to": "tensorboard,none"}  # refused later
+    assert load_yaml(tmp_path / "b.yaml", all_options()) == {"report_to": "tensorboard"}
+    with pytest.raises(LorafitError, match="c.yaml: report_to: expected a comma list or a list of strings"):
+        load_yaml(tmp_path / "c.yaml", all_options())
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 def test_missing_tracker_is_one_line_with_the_pip_command(tracker, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("lorafit.train.tracking.installed", lambda name: name != tracker)

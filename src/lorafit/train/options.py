@@ -21,9 +21,11 @@ from lorafit.common.errors import LorafitError
 class Option:
     """One flag. ``name`` is the flag without dashes (``max-length``); its key is ``max_length``.
 
-    ``kind``: "str", "int", "float", "bool", "path" (a string naming a file or directory), or
-    "optional-path" (``--resume``: a flag that may be given bare). ``minimum`` bounds numbers
-    (inclusive) and ``above`` makes it exclusive; ``maximum`` / ``below`` likewise from above.
+    ``kind``: "str", "int", "float", "bool", "path" (a string naming a file or directory),
+    "optional-path" (``--resume``: a flag that may be given bare), or "list" (a comma list; a YAML
+    list is joined with commas, so ``report_to: [tensorboard, wandb]`` works as in transformers).
+    ``minimum`` bounds numbers (inclusive) and ``above`` makes it exclusive; ``maximum`` /
+    ``below`` likewise from above.
     ``None`` is always accepted as "not set".
     """
 
@@ -237,7 +239,7 @@ OPTIONS: list[Option] = [
     ),
     Option(
         "report-to",
-        "str",
+        "list",
         "none",
         "experiment trackers, a comma list of tensorboard, wandb, mlflow (or none): loss, lr and eval "
         "metrics (tensorboard writes RUN/tensorboard/).",
@@ -298,6 +300,11 @@ def coerce(opt: Option, value: Any, source: str) -> Any:
             raise ValueError
         if kind == "optional-path":
             return value if value is True else str(value)
+        if kind == "list":
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = ",".join(value)
+            elif not isinstance(value, str):
+                raise ValueError
         if kind in ("str", "path"):
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -313,7 +320,8 @@ def coerce(opt: Option, value: Any, source: str) -> Any:
             if not math.isfinite(value):
                 raise ValueError
     except (TypeError, ValueError):
-        want = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "a string")
+        want = {"bool": "true or false", "int": "an integer", "float": "a number",
+                "list": "a comma list or a list of strings"}.get(kind, "a string")
         raise LorafitError(f"{source}: expected {want}, got {value!r}") from None
     if opt.choices is not None and value not in opt.choices:
         raise LorafitError(
