@@ -3,7 +3,8 @@
 One process, one run, loopback only. A Llama-shaped model with random weights (hidden 384, 4
 layers, a byte-level BPE tokenizer trained here) and 32 adapters on disk (r=16, all-linear),
 served by :class:`lorafit.serve.Server` under uvicorn in a thread. N concurrent clients
-(httpx, asyncio) send completion requests (prompts of 4-24 words, exactly ``--max-tokens`` new
+(httpx, asyncio, in a child process: they do not share the server's interpreter lock) send
+completion requests (prompts of 4-24 words, exactly ``--max-tokens`` new
 tokens each: EOS is disabled so every mode does the same work). Three modes, rotated round by
 round so drift on a shared machine hits them alike:
 
@@ -32,6 +33,7 @@ import json
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +41,49 @@ import time
 from datetime import date
 from pathlib import Path
 
-import torch
+WORDS = ["the", "film", "was", "great", "awful", "meal", "hotel", "trip", "really", "show", "book", "game",
+         "lovely", "boring", "phone", "class", "concert", "and", "then", "we", "left", "early", "again"]
+
+
+async def load(url, clients: int, per_client: int, adapters: list[str], max_tokens: int, seed: int):
+    """``clients`` concurrent clients, ``per_client`` requests each; returns (latencies, tokens, wall seconds)."""
+    import httpx
+
+    rng = random.Random(seed)
+    plans = [[(rng.choice(adapters), " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))))
+              for _ in range(per_client)] for _ in range(clients)]
+    latencies, tokens = [], 0
+
+    async def client(plan):
+        nonlocal tokens
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            for adapter, prompt in plan:
+                t0 = time.perf_counter()
+                r = await c.post("/v1/completions", json={"model": adapter, "prompt": prompt,
+                                                          "max_tokens": max_tokens, "temperature": 0})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{adapter}: {r.status_code} {r.text}")
+                tokens += r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(p) for p in plans))
+    return latencies, tokens, time.perf_counter() - t0
+
+
+def _client_mode() -> None:
+    """``serve_load.py --client SPEC``: one load from a child process, before torch is imported (fast start)."""
+    c = json.loads(sys.argv[2])
+    lat, toks, secs = asyncio.run(load(c["url"], c["clients"], c["per_client"], c["adapters"], c["max_tokens"],
+                                       c["seed"]))
+    print(json.dumps({"latencies": lat, "tokens": toks, "seconds": secs}))
+    sys.exit(0)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--client":
+    _client_mode()
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -48,8 +92,16 @@ import lorafit  # noqa: E402
 from lorafit.serve import Background, Limits, Server  # noqa: E402
 from lorafit.tree import lora_layers  # noqa: E402
 
-WORDS = ["the", "film", "was", "great", "awful", "meal", "hotel", "trip", "really", "show", "book", "game",
-         "lovely", "boring", "phone", "class", "concert", "and", "then", "we", "left", "early", "again"]
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
 
 
 def rss() -> int:
@@ -125,41 +177,15 @@ def switching(gen, model):
     return forward
 
 
-async def load(url, clients: int, per_client: int, adapters: list[str], max_tokens: int, seed: int):
-    """``clients`` concurrent clients, ``per_client`` requests each; returns (latencies, tokens, wall seconds)."""
-    import httpx
-
-    rng = random.Random(seed)
-    plans = [[(rng.choice(adapters), " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))))
-              for _ in range(per_client)] for _ in range(clients)]
-    latencies, tokens = [], 0
-
-    async def client(plan):
-        nonlocal tokens
-        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
-            for adapter, prompt in plan:
-                t0 = time.perf_counter()
-                r = await c.post("/v1/completions", json={"model": adapter, "prompt": prompt,
-                                                          "max_tokens": max_tokens, "temperature": 0})
-                latencies.append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    raise RuntimeError(f"{adapter}: {r.status_code} {r.text}")
-                tokens += r.json()["usage"]["completion_tokens"]
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(p) for p in plans))
-    return latencies, tokens, time.perf_counter() - t0
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
+def remote_load(url, clients: int, per_client: int, adapters: list[str], max_tokens: int, seed: int):
+    """:func:`load` run in a child process (this file with ``--client``): (latencies, tokens, seconds)."""
+    spec = json.dumps({"url": url, "clients": clients, "per_client": per_client, "adapters": adapters,
+                       "max_tokens": max_tokens, "seed": seed})
+    out = subprocess.run([sys.executable, __file__, "--client", spec], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"load client failed:\n{out.stderr[-2000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["latencies"], r["tokens"], r["seconds"]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -213,8 +239,8 @@ def main() -> int:
                 else:
                     server.engine.max_batch, server.backend.gen._forward = args.clients, batched_forward
                 sampler = PeakRSS().start()
-                lat, toks, secs = asyncio.run(load(bg.url, args.clients, args.per_client, modes[mode],
-                                                   args.max_tokens, seed=rnd))
+                lat, toks, secs = remote_load(bg.url, args.clients, args.per_client, modes[mode],
+                                              args.max_tokens, seed=rnd)
                 res[mode]["peak_rss"] = max(res[mode]["peak_rss"], sampler.stop())
                 res[mode]["lat"] += lat
                 res[mode]["tokens"] += toks
@@ -227,7 +253,7 @@ def main() -> int:
         chunk = max(args.soak // (10 * args.clients), 1)
         done = 0
         while done < args.soak:
-            asyncio.run(load(bg.url, args.clients, chunk, all32, 2, seed=1000 + done))
+            remote_load(bg.url, args.clients, chunk, all32, 2, seed=1000 + done)
             done += args.clients * chunk
             gc.collect()
             samples.append((done, rss()))

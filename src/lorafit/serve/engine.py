@@ -187,6 +187,10 @@ class Engine:
                 return [], []
             keep = {n for n, r in self.store.resident.items() if r.key in live_keys}
             with self.cond:
+                # as for a new batch: wait one window for company, unless enough rows wait already
+                # (each admission is a prefill of its own plus a copy of the running KV cache)
+                if not self.queue or (len(self.queue) < room and time.monotonic() - self.queue[0][0] < self.window_s):
+                    return [], []
                 new = self._select(kind, room, set(keep))
             ok, keys = self._resolve(new, keep)
             running.extend(ok)
