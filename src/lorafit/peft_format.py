@@ -1,7 +1,10 @@
-"""What PEFT keeps beside the LoRA tensors: the task type, resized vocabularies, the model card, counts.
+"""PEFT's on-disk format below `lorafit.io`: reading a directory, the PEFT keys of a model's adapter,
+and what PEFT keeps beside the LoRA tensors (task type, resized vocabularies, counts).
 
-All of it is duck typed on the model (``model.config``, ``get_input_embeddings``), so the core
-still imports neither transformers nor peft:
+`lorafit.io` re-exports the readers (`resolve_dir`, `read_adapter_config`, `read_adapter_tensors`,
+`read_safetensors_shapes`) and `adapter_state`; it saves and loads. `reload_adapter` copies a saved
+adapter into the model's existing one (a trainer's resume). The model is duck typed
+(``model.config``, ``get_input_embeddings``), so the core still imports neither transformers nor peft:
 
 * `infer_task_type`: PEFT's ``task_type`` ("CAUSAL_LM", ...) from the model class name, else from
   ``config.architectures``. `AutoPeftModelForCausalLM` and friends refuse a file without it.
@@ -9,8 +12,6 @@ still imports neither transformers nor peft:
   base's ``vocab_size`` (read from ``<base>/config.json`` like PEFT's ``save_embedding_layers="auto"``,
   else ``model.config.vocab_size``): after ``resize_token_embeddings`` the new rows are part of the
   trained model, so they must travel with the adapter, under PEFT's key names.
-* `model_card`: the README.md written into every adapter directory (marked, so a user's own
-  README.md is never overwritten).
 * `print_trainable_parameters`: PEFT's one-line summary.
 """
 
@@ -303,9 +304,11 @@ def reload_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.
     check_embedding_rows(model, tensors, file)
     live = live_state(model, adapter)
     live.update({k: w for k, w in embedding_weights(model).items() if k in tensors})
-    for key in sorted(set(live) ^ set(tensors)):
-        what = "lacks" if key in live else "has a key the adapter does not have:"
-        raise ValueError(f"{file}: {what} {PREFIX + key!r} (adapter {adapter!r})")
+    missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+    if missing or extra:
+        what = (f"lacks {PREFIX + missing[0]!r}" if missing
+                else f"has {PREFIX + extra[0]!r}, which the adapter does not have")
+        raise ValueError(f"{file}: does not fit adapter {adapter!r}: the file {what}")
     for key, dst in live.items():
         if tuple(tensors[key].shape) != tuple(dst.shape):
             raise ValueError(f"{file}: key {PREFIX + key!r} has shape {tuple(tensors[key].shape)} but the model "

@@ -237,3 +237,26 @@ def test_save_pretrained_of_an_injected_model_writes_adapters_and_after_merge_th
     assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m" / "adapter_config.json").exists()
     whole = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     torch.testing.assert_close(logits(whole, ids), logits(merged, ids))
+
+
+def test_reload_adapter_copies_values_in_place_and_refuses_a_file_that_does_not_fit(tmp_path):
+    model = Tiny()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False))
+    lorafit.save_adapter(model, tmp_path / "a")
+    param = model.lin.adapters["default"].lora_B
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.zero_()
+    assert lorafit.reload_adapter(model, tmp_path / "a") is model
+    assert model.lin.adapters["default"].lora_B is param and torch.equal(param, saved)  # same object, new values
+    other = Tiny()
+    lorafit.inject(other, lorafit.LoraConfig(r=3, target_modules=["lin"]))
+    lorafit.save_adapter(other, tmp_path / "r3")
+    before = state(model)
+    with pytest.raises(ValueError, match=r"lin.lora_A.weight' has shape \(3, 8\) but the model needs \(2, 8\)"):
+        lorafit.reload_adapter(model, tmp_path / "r3")
+    lorafit.inject(other, lorafit.LoraConfig(r=3, target_modules=["cls"]), adapter="b")
+    lorafit.save_adapter(other, tmp_path / "b", adapter="b")
+    with pytest.raises(ValueError, match="the file lacks 'base_model.model.lin.lora_A.weight'"):
+        lorafit.reload_adapter(model, tmp_path / "b")
+    assert all(torch.equal(state(model)[k], v) for k, v in before.items())
