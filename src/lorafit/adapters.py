@@ -90,18 +90,26 @@ def disabled(model: nn.Module):
 
 
 @contextlib.contextmanager
-def adapter_batch(model: nn.Module, names):
+def adapter_batch(model: nn.Module, names, slots=None):
     """Within the block, batch row i uses adapter ``names[i]`` (``None`` = base only).
 
     One batched pass: each layer gathers per-row A/B from weights stacked once per block.
-    Rows are the first dimension of each layer's input (batch-first models).
+    Rows are the first dimension of each layer's input (batch-first models). ``slots`` (optional,
+    a superset of the names, in a fixed order) is the stacking order: the layers' stacked weights
+    are cached per order, so a server passing the same slots for every batch re-stacks only when
+    that set changes, not whenever the mix of adapters in a batch does.
     """
     names = list(names)
     known = adapter_names(model)
-    for n in names:
+    for n in [*names, *(slots or ())]:
         if n is not None and n not in known:
             raise ValueError(f"adapter_batch: unknown adapter {n!r}; the model has {known}")
     distinct = tuple(dict.fromkeys(n for n in names if n is not None))
+    if slots is not None:
+        missing = [n for n in distinct if n not in slots]
+        if missing:
+            raise ValueError(f"adapter_batch: {missing[0]!r} is in names but not in slots")
+        distinct = tuple(dict.fromkeys(slots))
     layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
     if any(isinstance(m, LoraLayer) and m.merged for m in layers):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lorafit.unmerge(model) first")

@@ -31,12 +31,14 @@ class CausalLM:
         model: the base causal LM (eval mode, on its device).
         tokenizer: its tokenizer (a chat template is used when it has one, else ``role: content``
             lines, as ``lorafit train`` rendered chats).
+        store: the adapters (every resident one is a stacking slot of each decode step).
         max_positions: prompt + max_tokens must fit (the model's position table).
     """
 
     endpoints = ("completions", "chat")
 
-    def __init__(self, model: nn.Module, tokenizer, metrics: Metrics, max_positions: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer, metrics: Metrics, store: AdapterStore,
+                 max_positions: int | None = None):
         self.model, self.tok = model, tokenizer
         pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         eos = getattr(model, "generation_config", None)
@@ -45,7 +47,8 @@ class CausalLM:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
-        self.gen = Generator(model, tokenizer, pad, eos_ids, on_tokens=lambda n: metrics.count("tokens_generated", n))
+        self.gen = Generator(model, tokenizer, pad, eos_ids, on_tokens=lambda n: metrics.count("tokens_generated", n),
+                             slots=lambda: tuple(sorted(r.key for r in store.resident.values())))
 
     # ---------------------------------------------------------------- event loop
     def encode_prompt(self, text: str) -> list[int]:

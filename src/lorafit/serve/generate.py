@@ -134,11 +134,14 @@ class Generator:
         pad_id: the id left padding uses (masked out, never attended).
         eos_ids: ids that end a row.
         on_tokens: (n) -> None, called with the number of tokens produced per step (metrics).
+        slots: () -> every resident adapter key in a fixed order (``adapter_batch``'s ``slots``): the
+            layers stack those weights once, not again each time rows join, finish or change the mix.
     """
 
     def __init__(self, model: nn.Module, tokenizer, pad_id: int, eos_ids: set[int],
-                 on_tokens: Callable[[int], None] = lambda n: None):
+                 on_tokens: Callable[[int], None] = lambda n: None, slots: Callable[[], tuple | None] = lambda: None):
         self.model, self.tok, self.pad_id, self.eos_ids, self.on_tokens = model, tokenizer, pad_id, eos_ids, on_tokens
+        self.slots = slots
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         # transformers 5.2x renamed past_key_values to cache (the old name warns); older ones have only it
@@ -149,7 +152,7 @@ class Generator:
         return self.tok.decode(row.out, skip_special_tokens=True)
 
     def _forward(self, keys, **inputs):
-        with lorafit.adapter_batch(self.model, keys):
+        with lorafit.adapter_batch(self.model, keys, slots=self.slots()):
             out = self.model(**inputs, **self.keep_arg, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         return cache, out.logits[:, -1]

@@ -76,7 +76,7 @@ class Server:
         self.store = AdapterStore(model, adapters, max_resident, self.metrics, task,
                                   extras=read_labels if classify else None)
         self.backend = TextClassifier(model, tokenizer, max_length, self.store) if classify \
-            else CausalLM(model, tokenizer, self.metrics)
+            else CausalLM(model, tokenizer, self.metrics, self.store)
         self.engine = Engine(self.backend, self.store, self.metrics, max_batch, window_ms / 1000.0, max_queue)
         self.extra_routes = list(extra_routes or [])
         self.started = int(time.time())
