@@ -260,3 +260,29 @@ def test_reload_adapter_copies_values_in_place_and_refuses_a_file_that_does_not_
     with pytest.raises(ValueError, match="the file lacks 'base_model.model.lin.lora_A.weight'"):
         lorafit.reload_adapter(model, tmp_path / "b")
     assert all(torch.equal(state(model)[k], v) for k, v in before.items())
+
+
+def test_reload_adapter_restores_dora_magnitudes_and_saved_modules(tmp_path):
+    model = Tiny()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["lin"], init=False, use_dora=True,
+                                             modules_to_save=["cls"]))
+    lorafit.save_adapter(model, tmp_path / "a")
+    want = state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    assert not all(torch.equal(state(model)[k], v) for k, v in want.items())
+    lorafit.reload_adapter(model, tmp_path / "a")
+    assert all(torch.equal(state(model)[k], v) for k, v in want.items())
+
+
+def test_an_injected_transformers_model_pickles_and_keeps_saving_adapters(tmp_path):
+    import pickle
+    model = tiny_llama()
+    lorafit.inject(model, lorafit.LoraConfig(r=2, target_modules=["q_proj"], init=False))
+    again = pickle.loads(pickle.dumps(model))
+    assert again.save_pretrained.model is again
+    again.save_pretrained(tmp_path / "p")
+    assert (tmp_path / "p" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "p" / "model.safetensors").exists()
