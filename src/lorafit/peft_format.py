@@ -64,7 +64,7 @@ def infer_task_type(model: nn.Module) -> str | None:
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     name = type(model).__name__
     task = _task_from_name(name, enc_dec)
-    if task is None and name.endswith("Model") and "For" not in name:
+    if task is None and name.endswith("Model") and "For" not in name and not name.endswith("HeadsModel"):
         return "FEATURE_EXTRACTION"
     if task is None:
         archs = getattr(cfg, "architectures", None) or []

@@ -38,6 +38,10 @@ def test_task_type_of_llama_t5_and_a_plain_module():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
     assert lorafit.infer_task_type(t5) == "SEQ_2_SEQ_LM"
     assert lorafit.infer_task_type(Tiny()) is None
+    from transformers import GPT2Config, GPT2DoubleHeadsModel, GPT2LMHeadModel
+    cfg = GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16, n_positions=8)
+    assert lorafit.infer_task_type(GPT2LMHeadModel(cfg)) == "CAUSAL_LM"
+    assert lorafit.infer_task_type(GPT2DoubleHeadsModel(cfg)) is None  # two heads: no PEFT task type fits
 
 
 def test_written_task_type_inferred_or_given_and_autopeft_uses_it(tmp_path):
@@ -186,6 +190,8 @@ def test_lorafit_loads_peft_saved_resized_embeddings(resized):
         pm.base_model.model.model.embed_tokens.weight[64:] += 1.0  # trained rows PEFT must carry
     with pytest.warns(UserWarning, match="resized"):
         pm.save_pretrained(str(tmp / "p"))
+    theirs, _ = lorafit.io.read_adapter_tensors(tmp / "p")
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(theirs)  # the keys lorafit writes too
     ids = torch.tensor([[1, 65, 69, 3]])
     ours = lorafit.load_adapter(fresh_base(tmp, 70), tmp / "p")
     torch.testing.assert_close(logits(ours, ids), logits(pm.eval(), ids))
