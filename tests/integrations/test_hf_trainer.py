@@ -6,6 +6,8 @@ transformers' own from_pretrained (its PEFT integration) to the trained model's 
 resumed from a checkpoint ends with the same adapter as an uninterrupted one.
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -85,10 +87,11 @@ def test_the_output_loads_with_peft_autopeft_lorafit_and_from_pretrained(trained
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(trained, tiny_llama, tmp_path):
     model, out = trained
+    shutil.copytree(out / "run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")  # a run stopped at step 2
     resumed = injected(tiny_llama)
     trainer = adapter_trainer(transformers.Trainer(model=resumed, args=args(tmp_path / "resumed"),
                                                    train_dataset=rows()))
-    trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-2"))
+    trainer.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir, as the README shows
     assert trainer.state.global_step == 4
     want, got = adapter_state(model), adapter_state(resumed)
     assert want.keys() == got.keys()
