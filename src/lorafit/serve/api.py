@@ -20,7 +20,8 @@ from typing import Any
 from lorafit.serve.adapters import ServeError
 from lorafit.serve.engine import Job
 from lorafit.serve.generate import Row
-from lorafit.serve.requests import chat_spec, classify_spec, completion_spec, parse_body, read_fields
+from lorafit.serve.images import decode_base64
+from lorafit.serve.requests import chat_spec, classify_spec, completion_spec, image_spec, parse_body, read_fields
 
 
 class ClientGone(Exception):
@@ -186,6 +187,36 @@ def build_app(server):
         return JSONResponse({"object": "list", "model": f["model"],
                              "data": [{"index": i, **r} for i, r in enumerate(results)]})
 
+    async def classify_image(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith("image/") or ctype == "application/octet-stream":  # a raw upload, ?model=ADAPTER
+            unknown = sorted(set(request.query_params) - {"model"})
+            if unknown:
+                raise ServeError(400, f"unknown query parameter {unknown[0]!r} (a raw image upload takes ?model=)",
+                                 param=unknown[0])
+            name = request.query_params.get("model")
+            if not name:
+                raise ServeError(400, "query parameter 'model' is required with a raw image body", param="model")
+            adapter = server.resolve(name)
+            raw = await request.body()
+            if len(raw) > limits.max_request_bytes:
+                raise ServeError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_request_bytes}")
+            blobs = [(raw, "body")]
+        else:
+            f = await body_of(request, image_spec(limits.max_inputs))
+            name, adapter = f["model"], server.resolve(f["model"])
+            values = f["image"] if isinstance(f["image"], list) else [f["image"]]
+            blobs = [(decode_base64(v, f"image[{i}]" if isinstance(f["image"], list) else "image"),
+                      f"image[{i}]" if isinstance(f["image"], list) else "image") for i, v in enumerate(values)]
+        if adapter is None:
+            raise ServeError(400, f"model {name!r} is the base, which has no trained classification head: "
+                                  "name an adapter (GET /v1/models)", param="model")
+        pixels = await asyncio.to_thread(lambda: [backend.encode(data, field) for data, field in blobs])
+        jobs, futures = submit("classify", adapter, pixels)
+        results = await _wait(request, futures, jobs)
+        return JSONResponse({"object": "list", "model": name,
+                             "data": [{"index": i, **r} for i, r in enumerate(results)]})
+
     # ------------------------------------------------------------ info
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": server.model_list()})
@@ -205,6 +236,8 @@ def build_app(server):
                    Route("/v1/chat/completions", endpoint("chat", lambda r: generate(r, True)), methods=["POST"])]
     if "classify" in backend.endpoints:
         routes.append(Route("/v1/classify", endpoint("classify", classify), methods=["POST"]))
+    if "classify-image" in backend.endpoints:
+        routes.append(Route("/v1/classify-image", endpoint("classify-image", classify_image), methods=["POST"]))
     routes += [Route(path, endpoint(name, handler), methods=["POST"]) for path, name, handler in server.extra_routes]
 
     async def http_error(request, exc: HTTPException):

@@ -18,10 +18,8 @@ from lorafit.io import CONFIG_NAME
 from lorafit.jobs.commands import Command
 from lorafit.jobs.reload import resolve_job
 from lorafit.jobs.train import quiet_transformers
-from lorafit.serve.server import Limits, Server
+from lorafit.serve.server import SERVED_TASKS, Limits, Server
 from lorafit.train.distributed import pick_device
-
-SERVED_TASKS = ("causal-lm", "text-classification")
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +67,8 @@ def build_server(args: argparse.Namespace) -> Server:
                                                   task=args.task), {"device": args.device})
     if opts["task"] not in SERVED_TASKS:
         raise LorafitError(f"--task {opts['task']}: lorafit serve has endpoints for {', '.join(SERVED_TASKS)}")
-    if ref is None and opts["task"] == "text-classification":
-        raise LorafitError(f"--adapters {directory}: a text-classification server needs one adapter in it (its "
+    if ref is None and opts["task"] != "causal-lm":
+        raise LorafitError(f"--adapters {directory}: a {opts['task']} server needs one adapter in it (its "
                            "labels.json sizes the head)")
     quiet_transformers()
     task = cls(opts)
@@ -79,8 +77,9 @@ def build_server(args: argparse.Namespace) -> Server:
     model = task.build_model().to(pick_device(opts["device"])).eval()
     name = args.served_model_name or Path(str(opts["model"])).name
     limits = Limits(args.max_tokens, max_inputs=32, max_request_bytes=args.max_request_bytes)
-    return Server(model, task.tokenizer, directory, opts["task"], name, args.max_resident, args.max_batch,
-                  args.batch_window_ms, args.max_queue, limits, max_length=opts.get("max_length") or 512)
+    return Server(model, getattr(task, "tokenizer", None), directory, opts["task"], name, args.max_resident,
+                  args.max_batch, args.batch_window_ms, args.max_queue, limits,
+                  max_length=opts.get("max_length") or 512, imgsz=int(getattr(task, "imgsz", None) or 224))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -97,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
 SERVE = Command(
     description="Serve one base model and every adapter of a directory over HTTP: OpenAI-compatible "
     "/v1/completions, /v1/chat/completions and /v1/models for causal-lm (`model` names the adapter), "
-    "/v1/classify for text-classification, /health, /metrics. Requests for different adapters that arrive "
+    "/v1/classify for text-classification, /v1/classify-image for image-classification, /health, /metrics. "
+    "Requests for different adapters that arrive "
     "within --batch-window-ms run as one forward with per-row adapters.",
     add_arguments=_args,
     run=_run,

@@ -181,3 +181,13 @@ def chat_spec(max_tokens_limit: int, max_inputs: int) -> dict:
 
 def classify_spec(max_inputs: int) -> dict:
     return {"model": (text, MISSING), "input": (lambda n, v: texts(n, v, max_inputs), MISSING)}
+
+
+def image_spec(max_inputs: int) -> dict:
+    def images(name: str, value: Any) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or len(value) > max_inputs:
+                raise _bad(name, f"must hold 1 to {max_inputs} base64 images")
+            return value
+        return value
+    return {"model": (text, MISSING), "image": (images, MISSING)}

@@ -22,7 +22,11 @@ from lorafit.serve.adapters import AdapterStore, ServeError
 from lorafit.serve.api import build_app
 from lorafit.serve.backends import CausalLM, TextClassifier
 from lorafit.serve.engine import Engine
+from lorafit.serve.images import ImageClassifier
 from lorafit.serve.metrics import Metrics
+
+
+SERVED_TASKS = ("causal-lm", "text-classification", "image-classification")
 
 
 @dataclass
@@ -55,28 +59,32 @@ class Server:
         model: the base, eval mode, on its device; adapters already in it are not served (only DIR's).
         tokenizer: its tokenizer.
         adapters: DIR; each sub-directory with ``adapter_config.json`` is served under its name.
-        task: "causal-lm" (OpenAI routes) or "text-classification" (``/v1/classify``).
+        task: "causal-lm" (OpenAI routes), "text-classification" (``/v1/classify``) or
+            "image-classification" (``/v1/classify-image``; ``tokenizer`` unused).
         base_name: the ``model`` value that selects the base itself.
         max_resident: adapters kept in the model at once (LRU).
         max_batch: rows per forward batch; window_ms: how long a batch waits to fill.
-        max_length: text-classification: tokens per text (as trained).
+        max_length: text-classification: tokens per text (as trained); imgsz: image-classification's input side.
         extra_routes: (path, metrics name, async handler(request)) POST routes a caller adds.
     """
 
     def __init__(self, model: nn.Module, tokenizer, adapters: str | Path, task: str = "causal-lm",
                  base_name: str = "base", max_resident: int = 8, max_batch: int = 16, window_ms: float = 5.0,
-                 max_queue: int = 1024, limits: Limits | None = None, max_length: int = 512,
+                 max_queue: int = 1024, limits: Limits | None = None, max_length: int = 512, imgsz: int = 224,
                  extra_routes: list | None = None):
-        if task not in ("causal-lm", "text-classification"):
-            raise ValueError(f"lorafit serve has no endpoints for task {task!r} (causal-lm, text-classification)")
+        if task not in SERVED_TASKS:
+            raise ValueError(f"lorafit serve has no endpoints for task {task!r} ({', '.join(SERVED_TASKS)})")
         self.model, self.task, self.base_name = model, task, base_name
         self.limits = limits or Limits()
         self.metrics = Metrics()
-        classify = task == "text-classification"
         self.store = AdapterStore(model, adapters, max_resident, self.metrics, task,
-                                  extras=read_labels if classify else None)
-        self.backend = TextClassifier(model, tokenizer, max_length, self.store) if classify \
-            else CausalLM(model, tokenizer, self.metrics, self.store)
+                                  extras=None if task == "causal-lm" else read_labels)
+        if task == "causal-lm":
+            self.backend = CausalLM(model, tokenizer, self.metrics, self.store)
+        elif task == "text-classification":
+            self.backend = TextClassifier(model, tokenizer, max_length, self.store)
+        else:
+            self.backend = ImageClassifier(model, imgsz, self.store)
         self.engine = Engine(self.backend, self.store, self.metrics, max_batch, window_ms / 1000.0, max_queue)
         self.extra_routes = list(extra_routes or [])
         self.started = int(time.time())
