@@ -1,0 +1,103 @@
+"""`lorafit serve --task image-classification`: /v1/classify-image on a real server, mixed adapters in one batch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import shutil
+
+import httpx
+import pytest
+import torch
+
+import lorafit
+from lorafit.jobs.options import all_options, resolve, task_defaults
+from lorafit.jobs.reload import build, resolve_job
+from lorafit.serve import Background
+from lorafit.serve.cli import build_server
+from lorafit.tasks.image_classification import Task, load_image, preset_targets
+from lorafit.tree import lora_layers
+
+IMGSZ = 32
+
+
+def image_adapter(out, labels, seed):
+    """An image-classification adapter as `lorafit train` leaves it (random weights, labels.json, job file)."""
+    opts = resolve({"task": "image-classification", "model": "timm:vit_tiny_patch16_224", "imgsz": str(IMGSZ)},
+                   all_options(), task_defaults)
+    task = Task(opts)
+    task.labels = labels
+    torch.manual_seed(opts["seed"])  # the base is random: `lorafit serve` rebuilds it with the job's seed
+    model = task.build_model()
+    lorafit.inject(model, lorafit.LoraConfig(r=4, target_modules=preset_targets(model, "auto", task.head),
+                                             modules_to_save=[task.head], exclude_modules=[task.head]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for ad in layer.adapters.values():
+                ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * 0.5)
+    lorafit.save_adapter(model, out)
+    task.save_extras(out)
+    return out
+
+
+def reference(adapter_dir, paths):
+    cls, opts, adapter = resolve_job(argparse.Namespace(adapter=str(adapter_dir), model=None, task=None), {})
+    task, model = build(cls, opts, adapter)
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(torch.stack([load_image(str(p), IMGSZ) for p in paths])), -1)
+    return task.labels, probs
+
+
+def test_classify_image_mixed_adapters_equal_each_alone(tmp_path):
+    from lorafit.datasets.shapes import make_shapes_classification
+
+    shapes = make_shapes_classification(tmp_path / "shapes", n_per_class=1, imgsz=IMGSZ)
+    images = sorted((shapes / "val").rglob("*.png"))
+    d = tmp_path / "adapters"
+    image_adapter(d / "shapes", ["circle", "square", "triangle"], seed=1)
+    image_adapter(d / "colours", ["red", "green", "blue"], seed=2)
+    image_adapter(tmp_path / "two", ["a", "b"], seed=3)
+    expected = {name: reference(d / name, images) for name in ("shapes", "colours")}
+    args = argparse.Namespace(model=None, adapters=str(d), task=None, served_model_name=None, max_resident=4,
+                              max_batch=16, batch_window_ms=300.0, max_tokens=16, max_queue=64,
+                              max_request_bytes=1 << 20, device="cpu", host="127.0.0.1", port=0)
+    server = build_server(args)
+    assert server.task == "image-classification"
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
+
+    async def ask(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(
+                client.post("/v1/classify-image", json={"model": "shapes", "image": b64}),
+                client.post("/v1/classify-image?model=colours", content=images[1].read_bytes(),
+                            headers={"content-type": "image/png"}))
+
+    with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
+        as_json, raw = asyncio.run(ask(bg.url))
+        assert server.metrics.batch.n == 1 and server.metrics.batch_adapters.total == 2  # one mixed batch
+        labels, probs = expected["shapes"]
+        for row in as_json.json()["data"]:
+            p = probs[row["index"]]
+            assert row["label"] == labels[int(p.argmax())]
+            assert row["scores"] == pytest.approx({k: float(v) for k, v in zip(labels, p)}, abs=1e-5)
+        labels, probs = expected["colours"]
+        assert raw.json()["data"][0]["scores"] == pytest.approx({k: float(v) for k, v in zip(labels, probs[1])},
+                                                                abs=1e-5)
+        for body, words in [({"model": "shapes", "image": base64.b64encode(b"not an image").decode()},
+                             "not an image PIL can read"),
+                            ({"model": "shapes", "image": "%%%"}, "not valid base64"),
+                            ({"model": "shapes", "image": b64[0], "size": 3}, "unknown field 'size'"),
+                            ({"model": server.base_name, "image": b64[0]}, "no trained classification head")]:
+            r = client.post("/v1/classify-image", json=body)
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        r = client.post("/v1/classify-image", content=b"\x89PNG broken", headers={"content-type": "image/png"})
+        assert r.status_code == 400 and "'model' is required" in r.json()["error"]["message"]
+        assert client.post("/v1/classify-image?model=nope", content=b"x",
+                           headers={"content-type": "image/png"}).status_code == 404
+        shutil.copytree(tmp_path / "two", d / "two")  # a 2-class head on a 3-class base: refused, the rest serves
+        r = client.post("/v1/classify-image", json={"model": "two", "image": b64[0]})
+        assert r.status_code == 422 and "two" in r.json()["error"]["message"]
+        again = client.post("/v1/classify-image", json={"model": "shapes", "image": b64[:1]}).json()
+        assert again["data"][0]["scores"] == pytest.approx(as_json.json()["data"][0]["scores"], abs=1e-5)
