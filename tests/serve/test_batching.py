@@ -52,3 +52,15 @@ def test_slots_are_checked():
     with pytest.raises(ValueError, match="unknown adapter 'z'"):
         with lorafit.adapter_batch(model, ["a"], slots=("a", "z")):
             pass
+
+
+def test_sampling_rows_each_follow_their_own_settings():
+    from lorafit.serve.generate import Row, pick
+
+    logits = torch.tensor([[0.1, 2.0, 0.3, 1.9]] * 3)
+    rows = [Row([1], 3), Row([1], 3, temperature=1.0, top_p=0.0), Row([1], 3, temperature=5.0, seed=7)]
+    picks = [pick(logits, rows).tolist() for _ in range(20)]
+    assert all(p[0] == 1 and p[1] == 1 for p in picks)  # greedy, and top_p 0 = the most likely token alone
+    assert len({p[2] for p in picks}) > 1  # a hot temperature really samples
+    again = [Row([1], 3, temperature=5.0, seed=7)]
+    assert [pick(logits[:1], again).item() for _ in range(20)] == [p[2] for p in picks]  # its own seeded stream

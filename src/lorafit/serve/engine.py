@@ -77,6 +77,7 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.busy_since: float | None = None
+        self.running: list[Job] = []  # the jobs of the batch being run (worker thread)
 
     # ---------------------------------------------------------------- any thread
     def start(self) -> None:
@@ -89,6 +90,8 @@ class Engine:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+        for job in self.running:  # rows decoding now end at the next step instead of running to max_tokens
+            job.cancelled.set()
         if self.thread is not None:
             self.thread.join(timeout)
             self.thread = None
@@ -201,7 +204,7 @@ class Engine:
         ok, ok_keys = self._resolve(batch, set())
         if not ok:
             return
-        running = list(ok)  # every job of this batch, joined ones included: a failure answers them all
+        running = self.running = list(ok)  # every job of this batch, joined ones included: a failure answers all
         try:
             self.backend.run(ok[0].kind, ok, ok_keys, self._admitter(ok[0].kind, running))
         except ServeError as exc:

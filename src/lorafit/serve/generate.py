@@ -66,6 +66,7 @@ def pick(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         if row.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             cut = (sorted_p.cumsum(-1) - sorted_p) >= row.top_p  # keep the smallest set reaching top_p
+            cut[0] = False  # top_p 0: the most likely token alone
             sorted_p[cut] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
         if row.seed is not None and row.generator is None:
