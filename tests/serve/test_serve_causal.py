@@ -8,6 +8,7 @@ served without a restart, and a disconnected client must free its row.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -115,8 +116,14 @@ def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, exp
         (tmp_path / "incoming").rename(directory / "d")
         assert "d" in [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert text("d", PROMPTS[0]) == expected["d", PROMPTS[0]]
-        metrics = client.get("/metrics").text
-        assert "lorafit_resident_adapters 2" in metrics and "lorafit_adapter_evictions_total 3" in metrics
+        # a resident adapter's file rewritten in place (temp + rename): reloaded on its next use
+        assert text("a") == expected["a", PROMPTS[1]] and list(server.store.resident) == ["d", "a"]
+        os.replace(shutil.copy(adapters / "spare" / "d" / "adapter_model.safetensors", tmp_path / "new"),
+                   directory / "a" / "adapter_model.safetensors")
+        assert text("a", PROMPTS[0]) == expected["d", PROMPTS[0]]
+        assert list(server.store.resident) == ["d", "a"] and len(adapter_names(server.model)) == 2
+        metrics = client.get("/metrics").text  # evicted: a, b (for c, a), a (for d), c (for a), a (its new file)
+        assert "lorafit_resident_adapters 2" in metrics and "lorafit_adapter_evictions_total 5" in metrics
         assert 'lorafit_requests_total{endpoint="completions",status="200"}' in metrics
 
 
