@@ -339,7 +339,8 @@ def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = Tr
 
     Raises:
         ValueError: a `state_dict` (DeepSpeed / accelerate FSDP hand the gathered weights this way:
-            not supported, nothing is written) or ``push_to_hub=True`` (save, then upload the directory).
+            not supported, nothing is written), ``push_to_hub=True`` (save, then upload the directory),
+            or no adapter left (after `delete_adapter`: `unload` the model to save the base).
     """
     if state_dict is not None:
         raise ValueError("save_pretrained of a lorafit model writes its adapters from its own weights; a state_dict "
@@ -347,6 +348,9 @@ def save_pretrained(model: nn.Module, save_directory, is_main_process: bool = Tr
     if push_to_hub:
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for a lorafit model: save it, then "
                          "upload the directory (huggingface_hub.upload_folder)")
+    if not adapter_configs(model):
+        raise ValueError("save_pretrained: the model has no lorafit adapter left; lorafit.unload(model) first to "
+                         "save the base model")
     if not is_main_process:
         return
     for name in selected_adapters or list(adapter_configs(model)):
@@ -359,18 +363,22 @@ class AdapterSavePretrained:
     transformers' PreTrainedModel, diffusers' ModelMixin). `lorafit.tree.drop_state` removes it again, so a
     model that `merge_and_unload` returns saves as a whole model. Deep copies follow the copied model."""
 
-    lorafit_owned = True  # tree.drop_state removes instance attributes marked so
-
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, save_directory, *args, **kwargs):
-        if not lora_layers(self.model) and not adapter_configs(self.model):
-            return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
         return save_pretrained(self.model, save_directory, *args, **kwargs)
 
 
 @on_new_state
-def _install_save_pretrained(model: nn.Module) -> None:
+def _transformers_view(model: nn.Module) -> dict:
+    """What an injected model shows transformers: ``save_pretrained`` writes the adapters, and
+    ``_hf_peft_config_loaded`` (transformers' own flag for "trainable adapters are attached": its
+    Trainer refuses a quantized model without it, and gradient checkpointing then makes the inputs
+    require grad, as for PEFT)."""
+    out = {}
     if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = AdapterSavePretrained(model)
+        out["save_pretrained"] = AdapterSavePretrained(model)
+    if getattr(type(model), "_hf_peft_config_loaded", None) is False:
+        out["_hf_peft_config_loaded"] = True
+    return out

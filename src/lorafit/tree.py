@@ -28,23 +28,26 @@ class ModelState:
     Attributes:
         configs: adapter name -> the `LoraConfig` it was injected / loaded / combined with.
         hotswap_rank: the rank `prepare_hotswap` padded every adapter to (None: not prepared).
+        attributes: the instance attributes the `on_new_state` hooks set on the model (`drop_state`
+            removes them).
     A ``deepcopy`` of the model copies it (configs are immutable); `merge_and_unload` and
     `unload` drop it with the wrappers.
     """
 
     configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
     hotswap_rank: int | None = None
+    attributes: list[str] = dataclasses.field(default_factory=list)
 
 
-_NEW_STATE_HOOKS: list[Callable[[nn.Module], None]] = []
+_NEW_STATE_HOOKS: list[Callable[[nn.Module], dict]] = []
 
 
-def on_new_state(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
-    """Register ``hook(model)``, called when a model gets its `ModelState` (its first adapter).
+def on_new_state(hook: Callable[[nn.Module], dict]) -> Callable[[nn.Module], dict]:
+    """Register ``hook(model) -> {attribute: value}``, called when a model gets its `ModelState` (its
+    first adapter); the attributes are set on the model instance and removed again by `drop_state`.
 
     How a layer above gives an injected model more behaviour without this layer importing it
-    (`lorafit.io` makes ``model.save_pretrained`` write the adapter). What a hook sets on the model
-    as an attribute marked ``lorafit_owned = True`` is removed by `drop_state`.
+    (`lorafit.io` makes ``model.save_pretrained`` write the adapter).
     """
     _NEW_STATE_HOOKS.append(hook)
     return hook
@@ -57,7 +60,9 @@ def model_state(model: nn.Module) -> ModelState:
         state = ModelState()
         setattr(model, _STATE, state)
         for hook in _NEW_STATE_HOOKS:
-            hook(model)
+            for key, value in hook(model).items():
+                setattr(model, key, value)
+                state.attributes.append(key)
     return state
 
 
@@ -68,12 +73,13 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def drop_state(model: nn.Module) -> None:
-    """Forget the adapters' state and undo what the `on_new_state` hooks set (the model is plain again)."""
-    if getattr(model, _STATE, None) is not None:
+    """Forget the adapters' state and the attributes the `on_new_state` hooks set (the model is plain again)."""
+    state = getattr(model, _STATE, None)
+    if state is not None:
         delattr(model, _STATE)
-    for key, value in list(vars(model).items()):
-        if getattr(value, "lorafit_owned", False) is True:
-            delattr(model, key)
+        for key in state.attributes:
+            if key in vars(model):
+                delattr(model, key)
 
 
 def walk(model: nn.Module):

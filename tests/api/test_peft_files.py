@@ -238,7 +238,7 @@ def test_save_pretrained_of_an_injected_model_writes_adapters_and_after_merge_th
     with pytest.raises(ValueError, match="state_dict"):
         model.save_pretrained(tmp_path / "sd", state_dict=model.state_dict())
     merged = lorafit.merge_and_unload(model)
-    assert "save_pretrained" not in vars(merged)
+    assert "save_pretrained" not in vars(merged) and not merged._hf_peft_config_loaded
     merged.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / "m" / "adapter_config.json").exists()
     whole = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()

@@ -158,3 +158,34 @@ def test_sft_trainer_saves_adapters_and_resumes(tiny_llama, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "a" / "checkpoint-2"))
     torch.testing.assert_close(logits(loaded, ids), logits(straight, ids))
+
+
+def test_trainer_takes_an_injected_bitsandbytes_4bit_model(tmp_path):
+    """QLoRA as users have it: transformers refuses a quantized model unless it says adapters are attached."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the bnb extra)")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        try:
+            return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant,
+                                                                     device_map="cpu")
+        except Exception as exc:  # noqa: BLE001 - the skip says which backend failed and why
+            pytest.skip(f"bitsandbytes {bnb.__version__} cannot load a 4-bit model on the CPU: {exc}")
+
+    model = lorafit.inject(load(), lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = transformers.Trainer(model=model, args=args(tmp_path / "run", max_steps=2), train_dataset=rows(8))
+    trainer.train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert {p.name for p in ckpt.iterdir()} == ADAPTER_FILES | TRAINER_FILES
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    ids = torch.randint(3, 60, (2, 9))
+    again = lorafit.load_adapter(load(), ckpt)
+    torch.testing.assert_close(logits(again, ids), logits(model, ids))
+    for name in lorafit.adapter_names(model):
+        lorafit.delete_adapter(model, name)
+    with pytest.raises(ValueError, match="no lorafit adapter left"):
+        model.save_pretrained(tmp_path / "empty")
