@@ -1,5 +1,9 @@
 """transformers' `Trainer` and TRL's `SFTTrainer` on a lorafit-injected model.
 
+Passing the model needs no code either: an injected transformers model carries transformers' own
+"adapters attached" flag (``_hf_peft_config_loaded``, set by `lorafit.io`), so the Trainer accepts a
+bitsandbytes-quantized base (QLoRA) it would refuse as "purely quantized".
+
 Saving needs no code: an injected transformers model's ``save_pretrained`` writes its adapters in
 PEFT's format (`lorafit.io.save_pretrained`), and that is what ``Trainer._save`` calls for every
 checkpoint and for ``save_model``. A checkpoint is then ``adapter_config.json`` +
