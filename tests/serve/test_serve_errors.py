@@ -68,6 +68,7 @@ def test_broken_adapter_is_422_naming_the_file_and_the_rest_keeps_serving(served
 BAD = [  # (body, status, words of the message)
     ({"model": "nope", "prompt": "x"}, 404, ["'nope' not found"]),
     ({"model": "../good", "prompt": "x"}, 404, ["'../good' not found"]),
+    ({"model": "g" * 300, "prompt": "x"}, 404, ["not found"]),  # longer than a file name may be
     ({"model": "good", "prompt": ""}, 400, ["'prompt'", "empty"]),
     ({"model": "good", "prompt": []}, 400, ["'prompt'"]),
     ({"model": "good", "prompt": ["a", 3]}, 400, ["'prompt[1]'", "string"]),
@@ -113,3 +114,22 @@ def test_bad_chat_requests_wrong_json_and_routes(served):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         oa.chat.completions.create(model="good", messages=[{"role": "user", "content": "x"}], max_tokens=1000)
     assert good_text(client) == expected and client.get("/health").json()["status"] == "ok"
+
+
+def test_worker_survives_an_unexpected_error(served, monkeypatch):
+    client, server, _, expected = served
+    real = server.store._ensure_one
+    calls = []
+
+    def broken_once(name, keep):
+        if not calls:
+            calls.append(name)
+            raise TypeError("a bug somewhere")
+        return real(name, keep)
+
+    monkeypatch.setattr(server.store, "_ensure_one", broken_once)
+    r = client.post("/v1/completions", json={"model": "good", "prompt": "the film was", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    r = client.post("/v1/completions", json={"model": "good", "prompt": "the film was", "max_tokens": 8,
+                                             "temperature": 0}, timeout=20)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected

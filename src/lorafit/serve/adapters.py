@@ -98,7 +98,10 @@ class AdapterStore:
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
                 or "\0" in name:
             return False
-        return (self.dir / name / CONFIG_NAME).is_file()
+        try:
+            return (self.dir / name / CONFIG_NAME).is_file()
+        except OSError:  # a name too long for the file system, ...
+            return False
 
     def not_found(self, name: str) -> ServeError:
         return ServeError(404, f"model {name!r} not found: neither the base nor an adapter directory in {self.dir} "

@@ -163,8 +163,13 @@ class Engine:
                 self.busy_since = time.monotonic()
                 try:
                     self._run(batch)
+                except Exception as exc:  # noqa: BLE001 - the worker must survive anything a batch raises
+                    log.error("batch failed before it ran:\n%s", traceback.format_exc())
+                    err = ServeError(500, f"internal error ({type(exc).__name__})", "server_error")
+                    for job in batch + self.running:
+                        job.finish(err)
                 finally:
-                    self.busy_since = None
+                    self.busy_since, self.running = None, []
 
     def _resolve(self, batch: list[Job], keep: set[str]) -> tuple[list[Job], list[str | None]]:
         """Make the batch's adapters resident (``keep`` is not evicted); failed loads answer their jobs."""
