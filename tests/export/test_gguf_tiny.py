@@ -124,7 +124,7 @@ def test_q8_q4_from_a_gguf_base_carry_its_metadata(llama, tmp_path, capsys):
     want = merged.state_dict()
     base_reader = gguf.GGUFReader(base_gguf)
     worst = {}
-    for quant, step in (("q8_0", 1 / 127), ("q4_0", 1 / 7)):
+    for quant, step in (("q8_0", 1 / 127), ("q4_0", 1 / 7), ("q4_1", 1 / 7)):
         out, js = tmp_path / f"m-{quant}.gguf", tmp_path / f"{quant}.json"
         code, stdout, err = cli(["export", "--adapter", str(run), "--format", "gguf", "--quant", quant,
                                  "--out", str(out), "--json", str(js)], capsys)
@@ -140,7 +140,7 @@ def test_q8_q4_from_a_gguf_base_carry_its_metadata(llama, tmp_path, capsys):
         kinds = {t.name: t.tensor_type.name for t in reader.tensors}
         assert kinds["blk.0.attn_q.weight"] == quant.upper() and kinds["blk.0.ffn_norm.weight"] == "F32"
         assert kinds["output.weight"] == "Q8_0"  # q4_0 keeps the output layer at 8 bits; q8_0 is 8 bits anyway
-        assert reader.fields["general.file_type"].contents() == (7 if quant == "q8_0" else 2)
+        assert reader.fields["general.file_type"].contents() == {"q8_0": 7, "q4_0": 2, "q4_1": 3}[quant]
         assert "run2" in reader.fields["general.name"].contents()
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.block_count",
                     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):

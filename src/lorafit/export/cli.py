@@ -23,8 +23,8 @@ class ExportCommand:
                    "a graph with no LoRA ops, check it against the unmerged model in PyTorch (max abs diff <= "
                    "1e-4 x max(1, max|out|), else exit 1), optionally quantize to int8, and print sizes and "
                    "CPU latency. --format gguf writes a causal-LM adapter merged into its Llama base as a GGUF "
-                   "for llama.cpp (f16 / q8_0 / q4_0; read back by transformers and compared), --format gguf-lora "
-                   "the adapter alone in llama.cpp's LoRA layout (llama-cli --lora).")
+                   "for llama.cpp (f16 / q8_0 / q4_0 / q4_1; read back by transformers and compared), "
+                   "--format gguf-lora the adapter alone in llama.cpp's LoRA layout (llama-cli --lora).")
     epilog = ("examples:\n"
               "  lorafit export --model base.pt --adapter runs/detect-x/adapter --format onnx --int8 \\\n"
               "      --data data.yaml --out model.onnx\n"
@@ -42,7 +42,7 @@ class ExportCommand:
         p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (PEFT format)")
         p.add_argument("--format", dest="fmt", default="onnx", choices=("onnx", "torchscript", *GGUF_FORMATS))
         p.add_argument("--quant", default=None, choices=QUANTS, help="--format gguf: the encoding of the "
-                       "matrices [f16]; norms stay F32 (q4_0 keeps the output layer q8_0)")
+                       "matrices [f16]; norms stay F32 (q4_0 / q4_1 keep the output layer q8_0)")
         p.add_argument("--int8", action="store_true", help="also write FILE.int8.onnx (onnxruntime quantization "
                        "of the merged fp32 graph)")
         p.add_argument("--imgsz", type=int, default=None, metavar="N", help="input size (default: the run's)")

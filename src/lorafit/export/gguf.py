@@ -13,7 +13,7 @@ Steps (:func:`export_gguf`):
 4. read it back with transformers (``from_pretrained(dir, gguf_file=name)``, an independent
    reader that undoes llama.cpp's Q/K row order itself) and compare logits with the merged model.
    f16 must hold ``max |diff| <= 1e-2 x max(1, max |logit|)`` or the export fails
-   (:class:`~lorafit.export.formats.ExportParityError`, exit 1, no file left); for q8_0 / q4_0
+   (:class:`~lorafit.export.formats.ExportParityError`, exit 1, no file left); for q8_0 / q4_0 / q4_1
    the same figure and the top-1 agreement are reported, not enforced (rounding to 8 / 4 bits is
    the point). The tokenizer read back must give the same ids on the prompts and carry the chat
    template;
@@ -94,7 +94,7 @@ def merge_lora_base(lb: LoraBase) -> MergedLlama:
 
 
 def export_gguf(adapter, out, quant: str = "f16", model: str | None = None) -> dict[str, Any]:
-    """Merge ``adapter`` into its base and write ``out`` as GGUF (``quant``: f16, q8_0 or q4_0), checked.
+    """Merge ``adapter`` into its base and write ``out`` as GGUF (``quant``: f16 / q8_0 / q4_0 / q4_1), checked.
 
     Returns:
         the report of :func:`write_checked`, plus ``seconds.total``.

@@ -25,7 +25,7 @@ from typing import Any
 from lorafit.common.errors import LorafitError
 
 ARCHS = {"llama": "llama"}  # transformers model_type -> llama.cpp architecture
-QUANTS = ("f16", "q8_0", "q4_0")
+QUANTS = ("f16", "q8_0", "q4_0", "q4_1")
 # keys a GGUF base cannot pass on as they are (the writer sets the architecture itself)
 REPLACED = ("general.architecture", "general.file_type", "general.quantization_version", "general.name")
 
@@ -52,7 +52,7 @@ def file_type(quant: str) -> int:
     import gguf  # lazy: optional extra lorafit[gguf]
 
     return {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[quant]
 
 
 def copy_gguf_metadata(writer, reader, path: Path, quant: str, name_suffix: str) -> dict[str, Any]:

@@ -10,10 +10,12 @@ Three things differ from the transformers state dict:
   transformers' GGUF loader undoes exactly that when it reads the file. ``k_proj`` has
   ``num_key_value_heads`` heads;
 - **encodings**: 1-D tensors (the RMSNorm weights) stay F32, as llama.cpp wants them; matrices
-  become F16, or Q8_0 / Q4_0 blocks of 32 values along a row (``gguf.quants.quantize``). A
-  matrix whose rows are not a multiple of 32 cannot be block-quantized and is written F16; under
-  q4_0 the output layer (``output.weight``, or ``token_embd.weight`` when the two are tied) is
-  written Q8_0, as llama.cpp's own quantizer keeps the output layer at a higher precision.
+  become F16, or Q8_0 / Q4_0 / Q4_1 blocks of 32 values along a row (``gguf.quants.quantize``).
+  A matrix whose rows are not a multiple of 32 cannot be block-quantized and is written F16;
+  under q4_0 / q4_1 the output layer (``output.weight``, or ``token_embd.weight`` when the two are
+  tied) is written Q8_0, as llama.cpp's own quantizer keeps the output layer at a higher precision.
+  (q4_1 has a per-block minimum: a base that came as Q4_1, like SmolLM2's, keeps its 4-bit grid
+  nearly as it was, where q4_0 rounds it a second time onto another grid.)
   Every such exception is listed in the report.
 
 Tied embeddings: when ``lm_head.weight`` is ``embed_tokens.weight`` there is no
@@ -95,7 +97,7 @@ def _encode(name: str, data: np.ndarray, quant: str, is_output: bool, summary: T
     elif data.shape[-1] % BLOCK:
         kind = "F16"
         summary.exceptions.append(f"{name}: F16 (rows of {data.shape[-1]} values, not a multiple of {BLOCK})")
-    elif quant == "q4_0" and is_output:
+    elif quant in ("q4_0", "q4_1") and is_output:
         kind = "Q8_0"
         summary.exceptions.append(f"{name}: Q8_0 (the output layer, kept at higher precision as llama.cpp does)")
     else:
