@@ -210,5 +210,9 @@ class AdapterStore:
         for _, layer in lora_layers(self.model):
             layer.stack_cache.clear()  # the stacks may hold the deleted adapter's tensors
 
+    def slots(self) -> tuple[str, ...]:
+        """Every resident adapter's key in a fixed order: ``adapter_batch``'s ``slots`` (stacked once per set)."""
+        return tuple(sorted(r.key for r in self.resident.values()))
+
     def info(self, name: str) -> dict[str, Any]:
         return self.resident[name].info

@@ -48,7 +48,7 @@ class CausalLM:
             eos_ids.add(tokenizer.eos_token_id)
         self.max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
         self.gen = Generator(model, tokenizer, pad, eos_ids, on_tokens=lambda n: metrics.count("tokens_generated", n),
-                             slots=lambda: tuple(sorted(r.key for r in store.resident.values())))
+                             slots=store.slots)
 
     # ---------------------------------------------------------------- event loop
     def encode_prompt(self, text: str) -> list[int]:
@@ -123,7 +123,7 @@ class TextClassifier:
         for i, row in enumerate(ids_list):  # right padding: the classifier mean-pools over the mask
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        with lorafit.adapter_batch(self.model, keys):
+        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots()):
             probs = torch.softmax(self.model(ids.to(self.device), mask.to(self.device)).float(), -1).cpu()
         for job, p in zip(jobs, probs):
             job.finish(self._result(job.adapter, p))

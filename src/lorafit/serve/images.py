@@ -70,7 +70,7 @@ class ImageClassifier:
     def run(self, kind: str, jobs: list[Job], keys: list[str | None], admit=None) -> None:
         """One forward for the batch: pixels [N, 3, imgsz, imgsz] -> probabilities [N, labels]."""
         pixels = torch.stack([job.work for job in jobs]).to(self.device)
-        with lorafit.adapter_batch(self.model, keys):
+        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots()):
             probs = torch.softmax(self.model(pixels).float(), -1).cpu()
         for job, p in zip(jobs, probs):
             labels = self.store.info(job.adapter).get("labels") or list(range(p.numel()))
