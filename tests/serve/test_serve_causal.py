@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.serve import Background, Server
@@ -87,6 +88,15 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, expecte
         streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
             model="c", messages=[{"role": "user", "content": "the film"}], max_tokens=6, temperature=0, stream=True))
         assert streamed == chat.choices[0].message.content and chat.usage.completion_tokens == 6
+        tok = AutoTokenizer.from_pretrained(tiny_llama)  # the chat is rendered as training rendered chats
+        rendered = tok.apply_chat_template([{"role": "user", "content": "the film"}], tokenize=False,
+                                           add_generation_prompt=True)
+        ids = torch.tensor([tok(rendered, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = load_reference(tiny_llama, adapters / "dir" / "c").generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert chat.choices[0].message.content == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         seeded = [client.completions.create(model="a", prompt="the", max_tokens=8, seed=5).choices[0].text
                   for _ in range(2)]
         assert seeded[0] == seeded[1]  # sampling with a seed is reproducible
