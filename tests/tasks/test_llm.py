@@ -138,3 +138,25 @@ def test_smollm2_loads_from_gguf_and_answers():
     assert metrics["eval_exact_match"] == 1.0 and metrics["eval_loss"] < 1.0
     # the same file given by path is the same base
     assert resolve_model_path(task.model_path) == task.model_path
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_bert"])
+def test_cli_adapter_directory_is_self_contained(which, request, tmp_path, cls_data):
+    """The adapter directory holds the tokenizer (chat template included) and a model card with the run's metrics."""
+    from transformers import AutoTokenizer
+
+    model = request.getfixturevalue(which)
+    if which == "tiny_llama":
+        data = write_jsonl(tmp_path / "qa.jsonl", QA * 2)
+        args = ["--task", "causal-lm", "--train", str(data), "--eval", str(data)]
+    else:
+        args = ["--task", "text-classification", "--train", str(cls_data[0]), "--eval", str(cls_data[1]),
+                "--max-samples", "16"]
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model), *args, "--out", str(out), "--batch-size", "8"]) == 0
+    adapter = out / "adapter"
+    saved, original = AutoTokenizer.from_pretrained(adapter), AutoTokenizer.from_pretrained(model)
+    assert saved.get_vocab() == original.get_vocab() and saved.chat_template == original.chat_template
+    metrics = json.loads((out / "metrics.json").read_text())
+    card = (adapter / "README.md").read_text()
+    assert "eval_loss" in card and f"{metrics['eval_loss']:.4f}"[:5] in card

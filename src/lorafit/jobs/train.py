@@ -189,12 +189,14 @@ def compiled(model: torch.nn.Module, task: LoopTask, opts: dict[str, Any], say) 
     return torch.compile(model, fullgraph=full)
 
 
-def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path) -> None:
-    """The adapter (PEFT format + task extras), or the whole model with --full-finetune."""
+def save_trained(model, task: LoopTask, opts: dict[str, Any], directory: Path, metrics: dict | None = None) -> None:
+    """The adapter (PEFT format, a model card with ``metrics``, the task's extras), or the whole model
+    with --full-finetune."""
     if opts["full_finetune"]:
         task.save_full(model, directory)
         return
-    lorafit.save_adapter(model, directory, base_model_name_or_path=task.model_path)  # --fsdp: collective
+    lorafit.save_adapter(model, directory, base_model_name_or_path=task.model_path,  # --fsdp: collective
+                         metrics=metrics)
     if lorafit.distributed.is_main_process():
         task.save_extras(directory)
 
@@ -315,9 +317,9 @@ def finish(
     final = {k: v for k, v in result["final"].items() if k != "step"}
     sample = None
     if dist.is_main:
-        files.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d))
+        files.replace_dir(run_dir / out_name, lambda d: save_trained(model, task, opts, d, final))
     elif trainer.sharded:  # save_adapter is collective on a sharded model: rank 0 writes
-        save_trained(model, task, opts, run_dir / out_name)
+        save_trained(model, task, opts, run_dir / out_name, final)
     if trainer.eval_rows and (dist.is_main or trainer.sharded):  # sharded: every rank runs the forward
         sample = task.sample(model, trainer.eval_rows, dist.device)
     dist.barrier()

@@ -138,6 +138,10 @@ class TextModel:
                 return None
         return model.eval()  # as from_pretrained returns it
 
+    def save_tokenizer(self, directory) -> None:
+        """The tokenizer beside the adapter (its chat template included), so the directory is self-contained."""
+        self.tokenizer.save_pretrained(directory)
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:

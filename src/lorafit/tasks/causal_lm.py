@@ -341,6 +341,7 @@ class Task(TextModel, LoopTask):
 
     def save_extras(self, directory: Path) -> None:
         write_json(Path(directory) / "lorafit_job.json", self.job_info())
+        self.save_tokenizer(directory)
 
     def restore(self, directory: Path) -> None:
         """Nothing to restore: the tokenizer comes with the base model."""

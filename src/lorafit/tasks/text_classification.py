@@ -268,6 +268,11 @@ class Task(TextModel, LabelFiles, LoopTask):
             "num_labels": len(self.labels),
         }
 
+    def save_extras(self, directory) -> None:
+        """``labels.json`` + ``lorafit_job.json`` (:class:`LabelFiles`), and the tokenizer."""
+        LabelFiles.save_extras(self, directory)
+        self.save_tokenizer(directory)
+
     def save_full(self, model: nn.Module, directory: Path) -> None:
         """A directory ``AutoModel.from_pretrained`` loads (the encoder), plus ``head.safetensors``."""
         directory = Path(directory)

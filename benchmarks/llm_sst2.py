@@ -1,0 +1,237 @@
+"""A real LLM learns a task: SmolLM2-135M-Instruct on SST-2 as instruction following, side by side.
+
+    python benchmarks/llm_sst2.py                       # 1,000 train rows, the 872 test rows (CPU: ~1 h)
+    python benchmarks/llm_sst2.py --train-rows 64 --test-rows 32 --no-memory   # a quick look
+
+The model answers "positive" or "negative" to a chat turn holding a movie review (SST-2, Socher et
+al. 2013, ../shared/data/sst2). Four columns, one run, the same data in the same order:
+
+- zero-shot: the base model as it is;
+- lorafit LoRA, PEFT LoRA: r=8, alpha=16, every linear layer but the output layer, dropout 0,
+  AdamW lr --lr with linear decay, 1 epoch, batch --batch-size, fp32 on the CPU;
+- lorafit QLoRA: the same adapter on the base quantized to NF4 (lorafit.quant).
+
+Accuracy is greedy generation scored by lorafit's exact match (lorafit.tasks.generation: the answer,
+normalised, must be the label word and then end the turn) on the test rows.
+
+Step time: the three trainings are interleaved step by step (lorafit, PEFT, QLoRA, lorafit, ...), each
+step timed alone, so a machine shared with other work slows all three alike; medians over the steps
+after the first 3 are reported, as wall time and as process CPU time, and their ratios to PEFT.
+Peak memory: each variant again in a fresh subprocess (base load + a few steps), peak RSS; the RSS
+right after loading the base is given beside it, so the difference is what training added.
+
+Writes benchmarks/results/llm-sst2-<device>-<date>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: "
+WORDS = {"0": "negative", "1": "positive"}
+VARIANTS = ("lorafit", "peft", "qlora")
+
+
+def read_rows(path: Path, n: int | None, seed: int) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    if n is not None and n < len(rows):
+        rows = random.Random(seed).sample(rows, n)
+    return [{"messages": [{"role": "user", "content": QUESTION + r["sentence"].strip()},
+                          {"role": "assistant", "content": WORDS[r["label"].strip()]}]} for r in rows]
+
+
+def make_task(max_length: int):
+    from lorafit.jobs.options import all_options, resolve, task_defaults
+    from lorafit.tasks.causal_lm import Task
+
+    opts = resolve({"task": "causal-lm", "model": "smollm2", "max_length": str(max_length)}, all_options(),
+                   task_defaults)
+    return Task(opts)
+
+
+def build(variant: str, base: torch.nn.Module, seed: int) -> torch.nn.Module:
+    import lorafit
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if variant == "peft":
+        import peft
+
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+        return peft.get_peft_model(model, cfg).train()
+    if variant == "qlora":
+        lorafit.quantize(model, "nf4")
+    lorafit.inject(model, lorafit.LoraConfig(r=8, alpha=16, target_modules="all-linear", dropout=0.0))
+    return model.train()
+
+
+def step(task, model, opt, sched, batch) -> tuple[float, float, float]:
+    """One optimizer step; returns (loss, wall seconds, process CPU seconds)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    loss = task.loss_sum(model, batch) / max(task.count(batch), 1)
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach()), time.perf_counter() - w0, time.process_time() - c0
+
+
+def trainer(task, model, lr: float, steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / steps))
+    return opt, sched
+
+
+def batches(task, rows: list, batch_size: int, seed: int) -> list[dict]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [task.collate([rows[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
+
+
+def accuracy(task, model, rows: list, batch_size: int) -> float:
+    from lorafit.tasks.generation import exact_match
+
+    with torch.no_grad():
+        out = exact_match(model, task.tokenizer, rows, batch_size, torch.device("cpu"), task.pad_id,
+                          task.answer_ends())
+    return out["eval_exact_match"]
+
+
+def memory_probe(args) -> None:
+    """Subprocess: peak RSS of one variant (base load + --probe-steps steps); prints one JSON line."""
+    task = make_task(args.max_length)
+    base = task.build_model()
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rows = [task.encode(r, "x") for r in read_rows(SST2 / "train.tsv", args.batch_size * args.probe_steps, 0)]
+    model = build(args.probe, base, args.seed)
+    del base
+    opt, sched = trainer(task, model, args.lr, args.probe_steps)
+    for batch in batches(task, rows, args.batch_size, args.seed):
+        step(task, model, opt, sched, batch)
+    print(json.dumps({"variant": args.probe, "rss_after_base_load": after_load,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train-rows", type=int, default=1000)
+    ap.add_argument("--test-rows", type=int, default=None, help="default: all 872")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-steps", type=int, default=6, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.probe:
+        memory_probe(args)
+        return
+    import peft
+
+    import lorafit
+
+    t0 = time.time()
+    task = make_task(args.max_length)
+    base = task.build_model().eval()
+    train = [task.encode(r, f"train {i}") for i, r in enumerate(read_rows(SST2 / "train.tsv", args.train_rows, 0))]
+    test = [task.encode(r, f"test {i}") for i, r in enumerate(read_rows(SST2 / "test.tsv", args.test_rows, 0))]
+    task.kinds.add("chat")
+    print(f"SmolLM2-135M-Instruct, {len(train)} train / {len(test)} test rows, loaded in {time.time() - t0:.0f}s",
+          flush=True)
+    results: dict = {"zero-shot": {"accuracy": accuracy(task, base, test, args.eval_batch_size)}}
+    print(f"zero-shot accuracy {results['zero-shot']['accuracy']:.4f}", flush=True)
+
+    plan = batches(task, train, args.batch_size, args.seed)
+    models = {v: build(v, base, args.seed) for v in VARIANTS}
+    state = {v: trainer(task, models[v], args.lr, len(plan)) for v in VARIANTS}
+    times: dict = {v: {"wall": [], "cpu": [], "loss": []} for v in VARIANTS}
+    for i, batch in enumerate(plan):
+        for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # rotate who goes first
+            loss, wall, cpu = step(task, models[v], *state[v], batch)
+            times[v]["wall"].append(wall)
+            times[v]["cpu"].append(cpu)
+            times[v]["loss"].append(loss)
+        if i % 10 == 0 or i == len(plan) - 1:
+            print(f"step {i + 1}/{len(plan)} " + "  ".join(f"{v} {times[v]['loss'][-1]:.3f}" for v in VARIANTS),
+                  flush=True)
+    for v in VARIANTS:
+        skip = 3 if len(plan) > 6 else 0
+        results[v] = {
+            "accuracy": accuracy(task, models[v], test, args.eval_batch_size),
+            "step_wall_s": statistics.median(times[v]["wall"][skip:]),
+            "step_cpu_s": statistics.median(times[v]["cpu"][skip:]),
+            "final_loss": statistics.mean(times[v]["loss"][-10:]),
+            "trainable_params": sum(p.numel() for p in models[v].parameters() if p.requires_grad),
+        }
+        print(f"{v}: accuracy {results[v]['accuracy']:.4f}", flush=True)
+    for v in VARIANTS:
+        for k in ("step_wall_s", "step_cpu_s"):
+            results[v][k.replace("_s", "_vs_peft")] = results[v][k] / results["peft"][k]
+    if not args.no_memory:
+        del models, state
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "--probe", v, "--batch-size", str(args.batch_size),
+                   "--max-length", str(args.max_length)] + (["--threads", str(args.threads)] if args.threads else [])
+            line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[v].update({k: val for k, val in json.loads(line).items() if k != "variant"})
+
+    report = {
+        "benchmark": "llm_sst2", "date": datetime.date.today().isoformat(), "device": "cpu",
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "lorafit": lorafit.__version__, "python": platform.python_version()},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("probe", "out")} | {
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "r": 8, "alpha": 16,
+            "targets": "all-linear", "epochs": 1, "train": len(train), "test": len(test)},
+        "results": results, "wall_time_s": time.time() - t0,
+    }
+    out = args.out or ROOT / "benchmarks" / "results" / f"llm-sst2-cpu-{report['date']}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+    print(f"wrote {out}")
+
+
+def table(results: dict) -> str:
+    gib = 2.0 ** 30
+    lines = ["| | accuracy (greedy) | step wall (s) | x PEFT | step CPU (s) | x PEFT | peak RSS (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| zero-shot base | {results['zero-shot']['accuracy']:.4f} | | | | | |"]
+    for v, name in (("lorafit", "lorafit LoRA"), ("peft", "PEFT LoRA"), ("qlora", "lorafit QLoRA NF4")):
+        r = results[v]
+        peak = f"{r['peak_rss'] / gib:.2f}" if "peak_rss" in r else "-"
+        lines.append(f"| {name} | {r['accuracy']:.4f} | {r['step_wall_s']:.3f} | {r['step_wall_vs_peft']:.2f} | "
+                     f"{r['step_cpu_s']:.3f} | {r['step_cpu_vs_peft']:.2f} | {peak} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
