@@ -18,6 +18,7 @@ adapter into the model's existing one (a trainer's resume). The model is duck ty
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -106,16 +107,39 @@ def embedding_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _base_config_file(base: str) -> Path | None:
+    """``config.json`` of the base: in a local directory, else in the Hugging Face hub cache (a Hub id
+    like ``org/name`` that was downloaded before: ``$HF_HUB_CACHE`` or ``$HF_HOME/hub``, the revision
+    ``refs/main`` points at, else any snapshot). Read as files: the core imports no hub library."""
+    local = Path(base) / "config.json"
+    if local.is_file():
+        return local
+    if base.count("/") != 1 or base.startswith((".", "/")):
+        return None
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    repo = Path(hub) / ("models--" + base.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    try:
+        if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+            return repo / "snapshots" / ref.read_text().strip() / "config.json"
+    except OSError:
+        return None
+    return next(iter(sorted(repo.glob("snapshots/*/config.json"))), None)
+
+
 def base_vocab_size(model: nn.Module, base_model_name_or_path: str | None) -> int | None:
-    """The base model's vocabulary size: ``<base>/config.json`` when the base is a local directory
-    (PEFT's rule: ``resize_token_embeddings`` also updates ``model.config.vocab_size``, so only the
-    base's own file still has the old size), else ``model.config.vocab_size``, else None."""
-    if base_model_name_or_path:
-        path = Path(base_model_name_or_path) / "config.json"
+    """The base model's vocabulary size: its own ``config.json`` (a local directory, or a Hub id found in
+    the hub cache) as PEFT reads it, because ``resize_token_embeddings`` also updates
+    ``model.config.vocab_size`` and only the base's file still has the old size; else
+    ``model.config.vocab_size``; else None."""
+    path = _base_config_file(base_model_name_or_path) if base_model_name_or_path else None
+    if path is not None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             data = {}
+        data = data if isinstance(data, dict) else {}
         size = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
         if isinstance(size, int):
             return size

@@ -292,3 +292,22 @@ def test_an_injected_transformers_model_pickles_and_keeps_saving_adapters(tmp_pa
     again.save_pretrained(tmp_path / "p")
     assert (tmp_path / "p" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "p" / "model.safetensors").exists()
+
+
+def test_resized_vocab_of_a_hub_base_is_found_through_the_hub_cache(resized, monkeypatch):
+    """A base loaded by Hub id: resize_token_embeddings updated model.config, so the old size comes from
+    the cached config.json (as PEFT reads it from the Hub); with no cached copy nothing can tell."""
+    model, tmp = resized
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp / "hub"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorafit.save_adapter(model, tmp / "uncached", base_model_name_or_path="org/tiny")
+    assert all("lora_" in k for k in lorafit.io.read_adapter_tensors(tmp / "uncached")[0])
+    snap = tmp / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((tmp / "base" / "config.json").read_text())
+    (tmp / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    with pytest.warns(UserWarning, match="70 rows, the base has 64"):
+        lorafit.save_adapter(model, tmp / "cached", base_model_name_or_path="org/tiny")
+    assert lorafit.io.read_adapter_tensors(tmp / "cached")[0]["model.embed_tokens.weight"].shape == (70, 32)
