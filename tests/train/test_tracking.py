@@ -111,6 +111,19 @@ def test_wandb_and_mlflow_get_the_same_scalars(tmp_path, monkeypatch):
     assert calls[-2:] == [("wandb-finish",), ("mlflow-end",)]
 
 
+def test_a_tracker_that_cannot_start_is_one_line_and_closes_the_log(tmp_path, monkeypatch):
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty)\nrun wandb login")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    trainer = Trainer(toy_model(), ToyTask(), toy_rows(), None, toy_opts(report_to="tensorboard,wandb"), Dist(),
+                      tmp_path / "run")
+    with pytest.raises(LorafitError) as info:
+        trainer.fit()
+    assert str(info.value) == "--report-to wandb: could not start (RuntimeError: api_key not configured (no-tty))"
+    assert trainer.step == 0 and (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
 def test_report_to_values():
     assert parse_report_to("none") == [] and parse_report_to(None) == []
     assert parse_report_to("TensorBoard, tensorboard") == ["tensorboard"]

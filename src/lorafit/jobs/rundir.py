@@ -44,6 +44,7 @@ RUN_ENTRIES = frozenset(
         "train_subset.txt",
         "ultralytics",
         "tensorboard",
+        "wandb",
     }
 )
 SWAPPED = ("adapter", "model", "best")  # the directories checkpoint.replace_dir swaps in

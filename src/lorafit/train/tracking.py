@@ -105,7 +105,7 @@ class _Wandb:
         self.wandb = wandb
         # the run directory's name is the run's id, so --resume continues the same W&B run
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lorafit"), name=run_dir.name,
-                              id=run_dir.name, resume="allow", dir=str(run_dir), config=dict(opts))
+                              id=run_dir.name, resume="allow", dir=str(run_dir), config=dict(opts))  # RUN/wandb/
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -148,7 +148,14 @@ class TrackedLog:
     def __init__(self, log, names: list[str], run_dir: Path | None, opts: dict[str, Any],
                  resume_step: int | None = None):
         self.inner = log
-        self.trackers = [OPENERS[n](run_dir, opts, resume_step) for n in names] if run_dir is not None else []
+        self.trackers = []
+        for name in names if run_dir is not None else []:
+            try:
+                self.trackers.append(OPENERS[name](run_dir, opts, resume_step))
+            except Exception as exc:  # noqa: BLE001 - a tracker's login / server / network error
+                self.close()  # nothing is left open; no step has run yet
+                text = (str(exc).strip().splitlines() or [""])[0]
+                raise LorafitError(f"--report-to {name}: could not start ({type(exc).__name__}: {text})") from None
 
     @property
     def records(self) -> list[dict[str, Any]]:
