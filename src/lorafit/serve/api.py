@@ -21,7 +21,8 @@ from lorafit.serve.adapters import ServeError
 from lorafit.serve.engine import Job
 from lorafit.serve.generate import Row
 from lorafit.serve.images import decode_base64
-from lorafit.serve.requests import chat_spec, classify_spec, completion_spec, image_spec, parse_body, read_fields
+from lorafit.serve.requests import (chat_spec, classify_spec, completion_spec, detect_spec, image_spec, parse_body,
+                                    read_fields)
 
 
 class ClientGone(Exception):
@@ -41,6 +42,14 @@ async def _wait(request, futures: list[asyncio.Future], jobs: list[Job]) -> list
     if err is not None:
         raise err
     return results
+
+
+def _number(text: str):
+    """A query parameter as a JSON value where it reads as one (``?conf=0.5`` -> 0.5), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def build_app(server):
@@ -187,32 +196,44 @@ def build_app(server):
         return JSONResponse({"object": "list", "model": f["model"],
                              "data": [{"index": i, **r} for i, r in enumerate(results)]})
 
-    async def classify_image(request: Request) -> Response:
+    async def images_of(request: Request, extra: dict) -> tuple[str, str, list, dict]:
+        """(model name, adapter, [(bytes, field)], other fields) of an image request: base64 JSON or a raw upload."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype.startswith("image/") or ctype == "application/octet-stream":  # a raw upload, ?model=ADAPTER
-            unknown = sorted(set(request.query_params) - {"model"})
-            if unknown:
-                raise ServeError(400, f"unknown query parameter {unknown[0]!r} (a raw image upload takes ?model=)",
-                                 param=unknown[0])
-            name = request.query_params.get("model")
+            query = dict(request.query_params)
+            name = query.pop("model", None)
             if not name:
                 raise ServeError(400, "query parameter 'model' is required with a raw image body", param="model")
+            fields = read_fields({k: _number(v) for k, v in query.items()}, extra)
             adapter = server.resolve(name)
             raw = await request.body()
             if len(raw) > limits.max_request_bytes:
                 raise ServeError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_request_bytes}")
-            blobs = [(raw, "body")]
-        else:
-            f = await body_of(request, image_spec(limits.max_inputs))
-            name, adapter = f["model"], server.resolve(f["model"])
-            values = f["image"] if isinstance(f["image"], list) else [f["image"]]
-            blobs = [(decode_base64(v, f"image[{i}]" if isinstance(f["image"], list) else "image"),
-                      f"image[{i}]" if isinstance(f["image"], list) else "image") for i, v in enumerate(values)]
+            return name, adapter, [(raw, "body")], fields
+        f = await body_of(request, {**image_spec(limits.max_inputs), **extra})
+        name, adapter = f["model"], server.resolve(f["model"])
+        many = isinstance(f["image"], list)
+        values = f["image"] if many else [f["image"]]
+        fields = [f"image[{i}]" if many else "image" for i in range(len(values))]
+        blobs = [(decode_base64(v, field), field) for v, field in zip(values, fields)]
+        return name, adapter, blobs, {k: f[k] for k in extra}
+
+    async def classify_image(request: Request) -> Response:
+        name, adapter, blobs, _ = await images_of(request, {})
         if adapter is None:
             raise ServeError(400, f"model {name!r} is the base, which has no trained classification head: "
                                   "name an adapter (GET /v1/models)", param="model")
         pixels = await asyncio.to_thread(lambda: [backend.encode(data, field) for data, field in blobs])
         jobs, futures = submit("classify", adapter, pixels)
+        results = await _wait(request, futures, jobs)
+        return JSONResponse({"object": "list", "model": name,
+                             "data": [{"index": i, **r} for i, r in enumerate(results)]})
+
+    async def detect(request: Request) -> Response:
+        name, adapter, blobs, f = await images_of(request, detect_spec())
+        encoded = await asyncio.to_thread(lambda: [backend.encode(data, field) for data, field in blobs])
+        works = [{"pixels": px, "shape": shape, **f} for px, shape in encoded]
+        jobs, futures = submit("detect", adapter, works)
         results = await _wait(request, futures, jobs)
         return JSONResponse({"object": "list", "model": name,
                              "data": [{"index": i, **r} for i, r in enumerate(results)]})
@@ -236,6 +257,8 @@ def build_app(server):
                    Route("/v1/chat/completions", endpoint("chat", lambda r: generate(r, True)), methods=["POST"])]
     if "classify" in backend.endpoints:
         routes.append(Route("/v1/classify", endpoint("classify", classify), methods=["POST"]))
+    if "detect" in backend.endpoints:
+        routes.append(Route("/v1/detect", endpoint("detect", detect), methods=["POST"]))
     if "classify-image" in backend.endpoints:
         routes.append(Route("/v1/classify-image", endpoint("classify-image", classify_image), methods=["POST"]))
     routes += [Route(path, endpoint(name, handler), methods=["POST"]) for path, name, handler in server.extra_routes]

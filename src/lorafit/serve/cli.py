@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lorafit.common.errors import LorafitError
+from lorafit.integrations.ultralytics import detect_head, rebuild_class_convs
 from lorafit.io import CONFIG_NAME
 from lorafit.jobs.commands import Command
 from lorafit.jobs.reload import resolve_job
@@ -74,12 +75,16 @@ def build_server(args: argparse.Namespace) -> Server:
     task = cls(opts)
     task.restore(ref or Path(task.model_path))
     torch.manual_seed(opts["seed"])
-    model = task.build_model().to(pick_device(opts["device"])).eval()
+    model = task.build_model()
+    if opts["task"] == "detect" and getattr(task, "nc", None) and detect_head(model).nc != task.nc:
+        rebuild_class_convs(model, task.nc, task.names)  # a .pt base: the adapters' class count, as eval does
+    model = model.to(pick_device(opts["device"])).eval()
     name = args.served_model_name or Path(str(opts["model"])).name
     limits = Limits(args.max_tokens, max_inputs=32, max_request_bytes=args.max_request_bytes)
     return Server(model, getattr(task, "tokenizer", None), directory, opts["task"], name, args.max_resident,
                   args.max_batch, args.batch_window_ms, args.max_queue, limits,
-                  max_length=opts.get("max_length") or 512, imgsz=int(getattr(task, "imgsz", None) or 224))
+                  max_length=opts.get("max_length") or 512,
+                  imgsz=int(getattr(task, "imgsz", None) or opts.get("imgsz") or 640))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,7 +101,8 @@ def _run(args: argparse.Namespace) -> int:
 SERVE = Command(
     description="Serve one base model and every adapter of a directory over HTTP: OpenAI-compatible "
     "/v1/completions, /v1/chat/completions and /v1/models for causal-lm (`model` names the adapter), "
-    "/v1/classify for text-classification, /v1/classify-image for image-classification, /health, /metrics. "
+    "/v1/classify for text-classification, /v1/classify-image for image-classification, /v1/detect for detect, "
+    "/health, /metrics. "
     "Requests for different adapters that arrive "
     "within --batch-window-ms run as one forward with per-row adapters.",
     add_arguments=_args,

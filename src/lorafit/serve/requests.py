@@ -191,3 +191,9 @@ def image_spec(max_inputs: int) -> dict:
             return value
         return value
     return {"model": (text, MISSING), "image": (images, MISSING)}
+
+
+def detect_spec() -> dict:
+    """NMS settings a /v1/detect request may set (defaults: the server's, as Ultralytics' predict)."""
+    return {"conf": (lambda n, v: number(n, v, 0, 1), None), "iou": (lambda n, v: number(n, v, 0, 1), None),
+            "max_det": (lambda n, v: number(n, v, 1, 1000, integer=True), None)}

@@ -21,12 +21,13 @@ from lorafit.common.files import read_json
 from lorafit.serve.adapters import AdapterStore, ServeError
 from lorafit.serve.api import build_app
 from lorafit.serve.backends import CausalLM, TextClassifier
+from lorafit.serve.detect import Detector, read_names
 from lorafit.serve.engine import Engine
 from lorafit.serve.images import ImageClassifier
 from lorafit.serve.metrics import Metrics
 
 
-SERVED_TASKS = ("causal-lm", "text-classification", "image-classification")
+SERVED_TASKS = ("causal-lm", "text-classification", "image-classification", "detect")
 
 
 @dataclass
@@ -59,12 +60,13 @@ class Server:
         model: the base, eval mode, on its device; adapters already in it are not served (only DIR's).
         tokenizer: its tokenizer.
         adapters: DIR; each sub-directory with ``adapter_config.json`` is served under its name.
-        task: "causal-lm" (OpenAI routes), "text-classification" (``/v1/classify``) or
-            "image-classification" (``/v1/classify-image``; ``tokenizer`` unused).
+        task: "causal-lm" (OpenAI routes), "text-classification" (``/v1/classify``),
+            "image-classification" (``/v1/classify-image``) or "detect" (``/v1/detect``); the image
+            tasks take no tokenizer (None).
         base_name: the ``model`` value that selects the base itself.
         max_resident: adapters kept in the model at once (LRU).
         max_batch: rows per forward batch; window_ms: how long a batch waits to fill.
-        max_length: text-classification: tokens per text (as trained); imgsz: image-classification's input side.
+        max_length: text-classification: tokens per text (as trained); imgsz: the image tasks' input side.
         extra_routes: (path, metrics name, async handler(request)) POST routes a caller adds.
     """
 
@@ -77,14 +79,16 @@ class Server:
         self.model, self.task, self.base_name = model, task, base_name
         self.limits = limits or Limits()
         self.metrics = Metrics()
-        self.store = AdapterStore(model, adapters, max_resident, self.metrics, task,
-                                  extras=None if task == "causal-lm" else read_labels)
+        extras = {"causal-lm": None, "detect": read_names}.get(task, read_labels)
+        self.store = AdapterStore(model, adapters, max_resident, self.metrics, task, extras=extras)
         if task == "causal-lm":
             self.backend = CausalLM(model, tokenizer, self.metrics, self.store)
         elif task == "text-classification":
             self.backend = TextClassifier(model, tokenizer, max_length, self.store)
-        else:
+        elif task == "image-classification":
             self.backend = ImageClassifier(model, imgsz, self.store)
+        else:
+            self.backend = Detector(model, imgsz, self.store)
         self.engine = Engine(self.backend, self.store, self.metrics, max_batch, window_ms / 1000.0, max_queue)
         self.extra_routes = list(extra_routes or [])
         self.started = int(time.time())
