@@ -54,5 +54,8 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--adapters" in err[0] and "no such directory" in err[0]
-    assert main(["serve", "--adapters", str(tmp_path), "--task", "detect"]) == 2
-    assert "--task" in capsys.readouterr().err
+    assert main(["serve", "--adapters", str(tmp_path), "--task", "token-classification"]) == 2
+    err = capsys.readouterr().err
+    assert "--task" in err and "invalid choice" in err
+    assert main(["serve", "--adapters", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
