@@ -5,7 +5,8 @@
 app (Starlette), ``Background(app)`` runs it under uvicorn in a thread. The command line is
 ``lorafit serve`` (:mod:`lorafit.serve.cli`). The parts: ``adapters`` (files -> resident adapters),
 ``engine`` (the one model thread, batching across adapters), ``generate`` (batched decoding with
-per-row adapters), ``backends`` (what each task serves), ``requests`` (field checks), ``api``
+per-row adapters, rows joining a running batch), ``backends`` (causal LM, text classifier),
+``images`` / ``detect`` (image classifier, YOLO detector), ``requests`` (field checks), ``api``
 (routes), ``metrics`` (Prometheus text). Nothing here imports Starlette or uvicorn at import time.
 """
 
