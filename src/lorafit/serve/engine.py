@@ -191,7 +191,7 @@ class Engine:
         """``admit(n_live, live_keys) -> (jobs, keys)`` for a backend that can join rows to a running batch."""
         def admit(n_live: int, live_keys: set) -> tuple[list[Job], list[str | None]]:
             room = self.max_batch - n_live
-            if room <= 0 or not self.queue:
+            if room <= 0 or not self.queue or self.stopping:
                 return [], []
             keep = {n for n, r in self.store.resident.items() if r.key in live_keys}
             with self.cond:
