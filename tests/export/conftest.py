@@ -11,8 +11,6 @@ GGUF in test_gguf_tiny.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ import torch
 def smollm2(tmp_path_factory):
     gguf = pytest.importorskip("gguf")  # the dev extra installs it
     from lorafit.export.gguf import merge_lora_base, write_checked
-    from lorafit.export.gguf_load import LoraBase, prompt_ids
+    from lorafit.export.gguf_load import LoraBase, logits_of, prompt_ids
     from lorafit.export.gguf_lora import write_lora_checked
     from lorafit.integrations.gguf import gguf_source, load_model, load_tokenizer
     from tests.export.gguf_helpers import make_adapter
@@ -31,25 +29,20 @@ def smollm2(tmp_path_factory):
     base = load_model("smollm2", dtype=torch.float32).eval()
     tokenizer = load_tokenizer("smollm2")
     ids = prompt_ids(tokenizer)
-    with torch.inference_mode():
-        base_next = [int(base(torch.tensor([row])).logits[0, -1].argmax()) for row in ids]
+    base_next = [int(x[-1].argmax()) for x in logits_of(base, ids)]
     adapter = make_adapter(base, root / "run" / "adapter", "smollm2", b_std=0.02, r=8, alpha=16)
     lb = LoraBase("smollm2", source.path, source, "llama", base.config, tokenizer, base, adapter,
                   gguf.GGUFReader(source.path))
     out: dict = {"root": root, "base_gguf": source.path, "adapter": adapter, "ids": ids, "base_next": base_next,
-                 "tokenizer": tokenizer}
+                 "tokenizer": tokenizer, "base_reader": lb.reader}
     out["lora"] = write_lora_checked(lb, root / "lora.gguf")
     merged = merge_lora_base(lb)
     out["merged"] = merged
+    # the tokenizer is not re-read by transformers here (6 s per read of the 49k-token vocabulary): the tests
+    # compare its keys with the bundled file's byte for byte (which transformers reads in load_tokenizer above),
+    # and test_gguf_tiny re-reads a carried-over tokenizer through the CLI
     for quant in ("f16", "q8_0"):
-        out[quant] = write_checked(merged, root / f"smollm2-{quant}.gguf", quant)
+        out[quant] = write_checked(merged, root / f"smollm2-{quant}.gguf", quant, check_tokenizer=False)
     (root / "reports.json").write_text(json.dumps({k: out[k] for k in ("lora", "f16", "q8_0")}, default=str))
     return out
 
-
-def sizes(report) -> dict[str, float]:
-    return {k: round(v / 1e6, 2) for k, v in report["sizes_bytes"].items()}
-
-
-def paths(smollm2) -> dict[str, Path]:
-    return {k: Path(smollm2[k]["out"]) for k in ("lora", "f16", "q8_0")}

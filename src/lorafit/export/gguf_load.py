@@ -159,13 +159,13 @@ def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str
             "last_top1_agreement": sum(int(x[-1]) for x in agree) / len(agree), "positions": n}
 
 
-def read_back(path: Path):
-    """transformers' reading of a GGUF file: (model in float32, tokenizer)."""
+def read_back(path: Path, tokenizer: bool = True):
+    """transformers' reading of a GGUF file: (model in float32, tokenizer or None when not asked for)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: seconds to import
 
     with quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
 
 
 @contextlib.contextmanager
