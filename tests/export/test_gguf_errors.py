@@ -127,3 +127,15 @@ def test_failed_lora_check_exits_1(llama, tmp_path, capsys, monkeypatch):
     one_line_error(code, err, "lora_b @ lora_a", "attn_", "nothing written", status=1)
     assert not (tmp_path / "l.gguf").exists() and not (tmp_path / "j").exists()
     assert json.dumps(calls)  # the planted function ran
+
+
+def test_unreadable_tokenizer_exits_1(llama, tmp_path, capsys, monkeypatch):
+    """Plant a vocabulary fault (token strings reversed): transformers cannot rebuild the BPE; one line, exit 1."""
+    import lorafit.export.gguf_meta as gm
+
+    _, adapter = llama
+    real = gm._vocab
+    monkeypatch.setattr(gm, "_vocab", lambda tok, n: ([t[::-1] for t in real(tok, n)[0]], real(tok, n)[1]))
+    code, err = cli(export(adapter, tmp_path / "m.gguf", "--format", "gguf"), capsys)
+    one_line_error(code, err, "transformers cannot read the written GGUF back", "nothing written", status=1)
+    assert list(tmp_path.iterdir()) == []

@@ -143,7 +143,12 @@ def write_checked(m: MergedLlama, out, quant: str, check_tokenizer: bool = True)
     with stage as tmp:
         write_gguf(tmp, lb.arch, metadata, tensors)
         t_write = time.perf_counter() - t0
-        back, back_tok = read_back(tmp, tokenizer=check_tokenizer)
+        try:
+            back, back_tok = read_back(tmp, tokenizer=check_tokenizer)
+        except Exception as exc:  # any failure of the independent reader means the file is not what we meant
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportParityError(f"{out}: transformers cannot read the written GGUF back ({why}); nothing "
+                                    "written") from None
         rb = report["readback"] = compare_logits(m.ref, logits_of(back, m.ids))
         if back_tok is not None:
             report["tokenizer_same_ids"] = prompt_ids(back_tok) == m.ids
