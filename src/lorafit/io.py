@@ -118,6 +118,9 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     data["task_type"] = config.task_type or infer_task_type(model)
     embeddings = {k: full_tensor(v).contiguous() for k, v in
                   resized_embeddings(model, data["base_model_name_or_path"], save_embedding_layers).items()}
+    if save_embedding_layers is True and not embeddings:
+        warnings.warn(f"adapter {adapter!r}: save_embedding_layers=True but the model names no embedding layer "
+                      "(get_input_embeddings / get_output_embeddings): none saved", stacklevel=2)
     if embeddings and save_embedding_layers == "auto":
         rows = sorted({int(v.shape[0]) for v in embeddings.values()})
         warnings.warn(f"adapter {adapter!r}: the vocabulary was resized ({'/'.join(map(str, rows))} rows, the base "

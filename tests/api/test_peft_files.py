@@ -211,6 +211,10 @@ def test_unresized_vocab_saves_no_embeddings(tmp_path):
     lorafit.save_adapter(model, tmp_path / "b", save_embedding_layers=True)
     tensors, _ = lorafit.io.read_adapter_tensors(tmp_path / "b")
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(tensors)
+    plain = Tiny()  # no get_input_embeddings: nothing to save, and it says so (as PEFT does)
+    lorafit.inject(plain, lorafit.LoraConfig(r=2, target_modules=["lin"]))
+    with pytest.warns(UserWarning, match="names no embedding layer"):
+        lorafit.save_adapter(plain, tmp_path / "c", save_embedding_layers=True)
 
 
 # ------------------------------------------------------------------ model.save_pretrained
