@@ -20,6 +20,8 @@ after the first 3 are reported, as wall time and as process CPU time, and their 
 Peak memory: each variant again in a fresh subprocess (base load + a few steps), peak RSS; the RSS
 right after loading the base is given beside it, so the difference is what training added.
 
+Order: the three trainings, their evaluations, the zero-shot evaluation, the memory subprocesses; the
+JSON is rewritten after each, so a run stopped part way keeps what it measured.
 Writes benchmarks/results/llm-sst2-<device>-<date>.json and prints a table.
 """
 
@@ -44,7 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: "
+SYSTEM = "You label movie reviews."  # short: without one, the chat template inserts a 20-token default
+QUESTION = "Is this review positive or negative? Answer with one word.\n\nReview: "
 WORDS = {"0": "negative", "1": "positive"}
 VARIANTS = ("lorafit", "peft", "qlora")
 
@@ -54,7 +57,8 @@ def read_rows(path: Path, n: int | None, seed: int) -> list[dict]:
         rows = [r for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     if n is not None and n < len(rows):
         rows = random.Random(seed).sample(rows, n)
-    return [{"messages": [{"role": "user", "content": QUESTION + r["sentence"].strip()},
+    return [{"messages": [{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": QUESTION + r["sentence"].strip()},
                           {"role": "assistant", "content": WORDS[r["label"].strip()]}]} for r in rows]
 
 
@@ -155,9 +159,7 @@ def main() -> None:
     if args.probe:
         memory_probe(args)
         return
-    import peft
 
-    import lorafit
 
     t0 = time.time()
     task = make_task(args.max_length)
@@ -167,8 +169,8 @@ def main() -> None:
     task.kinds.add("chat")
     print(f"SmolLM2-135M-Instruct, {len(train)} train / {len(test)} test rows, loaded in {time.time() - t0:.0f}s",
           flush=True)
-    results: dict = {"zero-shot": {"accuracy": accuracy(task, base, test, args.eval_batch_size)}}
-    print(f"zero-shot accuracy {results['zero-shot']['accuracy']:.4f}", flush=True)
+    results: dict = {}
+    out = args.out or ROOT / "benchmarks" / "results" / f"llm-sst2-cpu-{datetime.date.today().isoformat()}.json"
 
     plan = batches(task, train, args.batch_size, args.seed)
     models = {v: build(v, base, args.seed) for v in VARIANTS}
@@ -183,19 +185,25 @@ def main() -> None:
         if i % 10 == 0 or i == len(plan) - 1:
             print(f"step {i + 1}/{len(plan)} " + "  ".join(f"{v} {times[v]['loss'][-1]:.3f}" for v in VARIANTS),
                   flush=True)
+    skip = 3 if len(plan) > 6 else 0
     for v in VARIANTS:
-        skip = 3 if len(plan) > 6 else 0
         results[v] = {
-            "accuracy": accuracy(task, models[v], test, args.eval_batch_size),
             "step_wall_s": statistics.median(times[v]["wall"][skip:]),
             "step_cpu_s": statistics.median(times[v]["cpu"][skip:]),
             "final_loss": statistics.mean(times[v]["loss"][-10:]),
             "trainable_params": sum(p.numel() for p in models[v].parameters() if p.requires_grad),
         }
-        print(f"{v}: accuracy {results[v]['accuracy']:.4f}", flush=True)
     for v in VARIANTS:
         for k in ("step_wall_s", "step_cpu_s"):
             results[v][k.replace("_s", "_vs_peft")] = results[v][k] / results["peft"][k]
+    write(out, args, results, len(train), len(test), t0)  # partial results survive a stop from here on
+    for v in VARIANTS:
+        results[v]["accuracy"] = accuracy(task, models[v], test, args.eval_batch_size)
+        print(f"{v}: accuracy {results[v]['accuracy']:.4f}", flush=True)
+        write(out, args, results, len(train), len(test), t0)
+    results["zero-shot"] = {"accuracy": accuracy(task, base, test, args.eval_batch_size)}
+    print(f"zero-shot accuracy {results['zero-shot']['accuracy']:.4f}", flush=True)
+    write(out, args, results, len(train), len(test), t0)
     if not args.no_memory:
         del models, state
         for v in VARIANTS:
@@ -203,6 +211,17 @@ def main() -> None:
                    "--max-length", str(args.max_length)] + (["--threads", str(args.threads)] if args.threads else [])
             line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[v].update({k: val for k, val in json.loads(line).items() if k != "variant"})
+            write(out, args, results, len(train), len(test), t0)
+    print(table(results))
+    print(f"wrote {out}")
+
+
+def write(out: Path, args, results: dict, n_train: int, n_test: int, t0: float) -> None:
+    """The report so far (device, versions, date, settings, results), written atomically."""
+    import peft
+    import transformers
+
+    import lorafit
 
     report = {
         "benchmark": "llm_sst2", "date": datetime.date.today().isoformat(), "device": "cpu",
@@ -211,13 +230,13 @@ def main() -> None:
                      "lorafit": lorafit.__version__, "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("probe", "out")} | {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "r": 8, "alpha": 16,
-            "targets": "all-linear", "epochs": 1, "train": len(train), "test": len(test)},
+            "targets": "all-linear", "epochs": 1, "train": n_train, "test": n_test, "system": SYSTEM,
+            "question": QUESTION},
         "results": results, "wall_time_s": time.time() - t0,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"llm-sst2-cpu-{report['date']}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(results))
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
 
 
 def table(results: dict) -> str:
