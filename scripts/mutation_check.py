@@ -172,6 +172,23 @@ MUTANTS = [
     # quantized merge error
     m("quant_merge_error_constant", QL,
       "return (self._decode(self._storage(), torch.float32) - target).abs().max().item()", "return 0.01", QUANT),
+    # the application's newer parts (issues 13-15): generation-based exact match, GGUF export, PEFT files, serving
+    m("em_right_padded_ids", "src/lorafit/tasks/generation.py", "        ids[i, width - len(p):] = torch.tensor(p)",
+      "        ids[i, :len(p)] = torch.tensor(p)", ["tests/tasks/test_llm.py"]),
+    m("em_answer_not_cut_at_turn_end", "src/lorafit/tasks/generation.py",
+      "    text = text[: min((i for i in (text.find(e) for e in ends if e) if i >= 0), default=len(text))]\n", "",
+      ["tests/tasks/test_llm.py"]),
+    m("gguf_no_qk_permute", "src/lorafit/export/gguf_write.py", "            data = llama_permute(data, heads)",
+      "            data = data", ["tests/export/test_gguf_tiny.py"], needs="gguf"),
+    m("save_pretrained_not_adapter", IOF, '        out["save_pretrained"] = AdapterSavePretrained(model)',
+      "        pass", ["tests/api/test_peft_files.py", "tests/integrations/test_hf_trainer.py"], needs="trl"),
+    m("task_type_not_inferred", IOF, 'data["task_type"] = config.task_type or infer_task_type(model)',
+      'data["task_type"] = config.task_type', ["tests/api/test_peft_files.py"]),
+    m("resized_vocab_unchecked", "src/lorafit/peft_format.py",
+      "        if saved is not None and saved.dim() == 2 and saved.shape[0] != weight.shape[0]:", "        if False:",
+      ["tests/api/test_peft_files.py"]),
+    m("serve_evict_keeps_adapter", "src/lorafit/serve/adapters.py", "            lorafit.delete_adapter(self.model, key)",
+      "            pass", ["tests/serve/test_serve_causal.py"], needs="fastapi"),
 ]
 
 
