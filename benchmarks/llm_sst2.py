@@ -2,6 +2,11 @@
 
     python benchmarks/llm_sst2.py                       # 1,000 train rows, the 872 test rows (CPU: ~1 h)
     python benchmarks/llm_sst2.py --train-rows 64 --test-rows 32 --no-memory   # a quick look
+    # on 2 cores, as run for the results: the LoRA pair interleaved, QLoRA (CPU NF4 decoding, ~5x a
+    # LoRA step) in a second process alongside, each on one thread
+    python benchmarks/llm_sst2.py --variants lorafit,peft --threads 1
+    python benchmarks/llm_sst2.py --variants qlora --no-zero-shot --threads 1 \
+        --out benchmarks/results/llm-sst2-qlora-cpu-DATE.json
 
 The model answers "positive" or "negative" to a chat turn holding a movie review (SST-2, Socher et
 al. 2013, ../shared/data/sst2). Four columns, one run, the same data in the same order:
@@ -146,6 +151,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of lorafit,peft,qlora (ratios need peft in the same run)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip the base model's evaluation")
     ap.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--probe-steps", type=int, default=6, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
@@ -172,41 +180,44 @@ def main() -> None:
     results: dict = {}
     out = args.out or ROOT / "benchmarks" / "results" / f"llm-sst2-cpu-{datetime.date.today().isoformat()}.json"
 
+    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
     plan = batches(task, train, args.batch_size, args.seed)
-    models = {v: build(v, base, args.seed) for v in VARIANTS}
-    state = {v: trainer(task, models[v], args.lr, len(plan)) for v in VARIANTS}
-    times: dict = {v: {"wall": [], "cpu": [], "loss": []} for v in VARIANTS}
+    models = {v: build(v, base, args.seed) for v in variants}
+    state = {v: trainer(task, models[v], args.lr, len(plan)) for v in variants}
+    times: dict = {v: {"wall": [], "cpu": [], "loss": []} for v in variants}
     for i, batch in enumerate(plan):
-        for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # rotate who goes first
+        k = i % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate who goes first
             loss, wall, cpu = step(task, models[v], *state[v], batch)
             times[v]["wall"].append(wall)
             times[v]["cpu"].append(cpu)
             times[v]["loss"].append(loss)
         if i % 10 == 0 or i == len(plan) - 1:
-            print(f"step {i + 1}/{len(plan)} " + "  ".join(f"{v} {times[v]['loss'][-1]:.3f}" for v in VARIANTS),
+            print(f"step {i + 1}/{len(plan)} " + "  ".join(f"{v} {times[v]['loss'][-1]:.3f}" for v in variants),
                   flush=True)
     skip = 3 if len(plan) > 6 else 0
-    for v in VARIANTS:
+    for v in variants:
         results[v] = {
             "step_wall_s": statistics.median(times[v]["wall"][skip:]),
             "step_cpu_s": statistics.median(times[v]["cpu"][skip:]),
             "final_loss": statistics.mean(times[v]["loss"][-10:]),
             "trainable_params": sum(p.numel() for p in models[v].parameters() if p.requires_grad),
         }
-    for v in VARIANTS:
+    for v in variants if "peft" in variants else ():
         for k in ("step_wall_s", "step_cpu_s"):
             results[v][k.replace("_s", "_vs_peft")] = results[v][k] / results["peft"][k]
     write(out, args, results, len(train), len(test), t0)  # partial results survive a stop from here on
-    for v in VARIANTS:
+    for v in variants:
         results[v]["accuracy"] = accuracy(task, models[v], test, args.eval_batch_size)
         print(f"{v}: accuracy {results[v]['accuracy']:.4f}", flush=True)
         write(out, args, results, len(train), len(test), t0)
-    results["zero-shot"] = {"accuracy": accuracy(task, base, test, args.eval_batch_size)}
-    print(f"zero-shot accuracy {results['zero-shot']['accuracy']:.4f}", flush=True)
-    write(out, args, results, len(train), len(test), t0)
+    if not args.no_zero_shot:
+        results["zero-shot"] = {"accuracy": accuracy(task, base, test, args.eval_batch_size)}
+        print(f"zero-shot accuracy {results['zero-shot']['accuracy']:.4f}", flush=True)
+        write(out, args, results, len(train), len(test), t0)
     if not args.no_memory:
         del models, state
-        for v in VARIANTS:
+        for v in variants:
             cmd = [sys.executable, __file__, "--probe", v, "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length)] + (["--threads", str(args.threads)] if args.threads else [])
             line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -240,15 +251,21 @@ def write(out: Path, args, results: dict, n_train: int, n_test: int, t0: float) 
 
 
 def table(results: dict) -> str:
+    """Markdown table of one run's results (or of several runs' results merged into one dict)."""
     gib = 2.0 ** 30
     lines = ["| | accuracy (greedy) | step wall (s) | x PEFT | step CPU (s) | x PEFT | peak RSS (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| zero-shot base | {results['zero-shot']['accuracy']:.4f} | | | | | |"]
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    if "zero-shot" in results:
+        lines.append(f"| zero-shot base | {results['zero-shot']['accuracy']:.4f} | | | | | |")
     for v, name in (("lorafit", "lorafit LoRA"), ("peft", "PEFT LoRA"), ("qlora", "lorafit QLoRA NF4")):
+        if v not in results:
+            continue
         r = results[v]
+        cell = {k: (f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-")
+                for k in ("accuracy", "step_wall_s", "step_wall_vs_peft", "step_cpu_s", "step_cpu_vs_peft")}
         peak = f"{r['peak_rss'] / gib:.2f}" if "peak_rss" in r else "-"
-        lines.append(f"| {name} | {r['accuracy']:.4f} | {r['step_wall_s']:.3f} | {r['step_wall_vs_peft']:.2f} | "
-                     f"{r['step_cpu_s']:.3f} | {r['step_cpu_vs_peft']:.2f} | {peak} |")
+        lines.append(f"| {name} | {cell['accuracy']} | {cell['step_wall_s']} | {cell['step_wall_vs_peft']} | "
+                     f"{cell['step_cpu_s']} | {cell['step_cpu_vs_peft']} | {peak} |")
     return "\n".join(lines)
 
 
