@@ -187,8 +187,9 @@ MUTANTS = [
     m("resized_vocab_unchecked", "src/lorafit/peft_format.py",
       "        if saved is not None and saved.dim() == 2 and saved.shape[0] != weight.shape[0]:", "        if False:",
       ["tests/api/test_peft_files.py"]),
-    m("serve_evict_keeps_adapter", "src/lorafit/serve/adapters.py", "            lorafit.delete_adapter(self.model, key)",
-      "            pass", ["tests/serve/test_serve_causal.py"], needs="fastapi"),
+    m("serve_evict_keeps_adapter", "src/lorafit/serve/adapters.py",
+      "            lorafit.delete_adapter(self.model, key)", "            pass", ["tests/serve/test_serve_causal.py"],
+      needs="fastapi"),
 ]
 
 

@@ -33,9 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lorafit.jobs.commands:EVAL", "evaluate an adapter or a merged model on a data file"),
     "merge": ("lorafit.jobs.commands:MERGE", "merge an adapter into its base model and save it"),
     "info": ("lorafit.jobs.commands:INFO", "describe an adapter directory"),
-    "export": ("lorafit.export.cli:EXPORT", "merge an adapter into a copy of its base and export ONNX / TorchScript"),
+    "export": ("lorafit.export.cli:EXPORT", "merge an adapter into a copy of its base: ONNX, TorchScript, GGUF"),
     "demo": ("lorafit.demo:DEMO", "offline end-to-end demos (`lorafit demo detect`: YOLO + LoRA + export)"),
-    "serve": ("lorafit.serve.cli:SERVE", "serve a base model and a directory of adapters over HTTP (OpenAI-compatible)"),
+    "serve": ("lorafit.serve.cli:SERVE", "serve a base model and a directory of adapters over HTTP (OpenAI API)"),
 }
 
 

@@ -90,7 +90,8 @@ def test_only_rank0_writes_and_every_rank_returns_the_files(ranks):
     for kind in ("fp32", "nf4"):
         assert ranks[kind, 0]["writes"] == 3 and ranks[kind, 1]["writes"] == 0  # weights, config, model card
         for r in range(WORLD):
-            assert ranks[kind, r]["files_on_return"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+            files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+            assert ranks[kind, r]["files_on_return"] == files
 
 
 def _fresh(kind):
