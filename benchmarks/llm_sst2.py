@@ -253,7 +253,8 @@ def write(out: Path, args, results: dict, n_train: int, n_test: int, t0: float) 
 def table(results: dict) -> str:
     """Markdown table of one run's results (or of several runs' results merged into one dict)."""
     gib = 2.0 ** 30
-    lines = ["| | accuracy (greedy) | step wall (s) | x PEFT | step CPU (s) | x PEFT | peak RSS (GiB) |",
+    lines = ["| | accuracy (greedy) | step wall (s) | x PEFT (of medians) | step CPU (s) | x PEFT (of medians) "
+             "| peak RSS (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     if "zero-shot" in results:
         lines.append(f"| zero-shot base | {results['zero-shot']['accuracy']:.4f} | | | | | |")
@@ -267,6 +268,15 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | {cell['accuracy']} | {cell['step_wall_s']} | {cell['step_wall_vs_peft']} | "
                      f"{cell['step_cpu_s']} | {cell['step_cpu_vs_peft']} | {peak} |")
     return "\n".join(lines)
+
+
+def merged_results(paths: list[Path]) -> dict:
+    """The results of several runs (the LoRA pair, then QLoRA) as one dict; a later run adds, never overrides."""
+    out: dict = {}
+    for path in paths:
+        for name, value in json.loads(Path(path).read_text())["results"].items():
+            out.setdefault(name, value)
+    return out
 
 
 if __name__ == "__main__":

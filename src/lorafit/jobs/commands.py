@@ -47,11 +47,13 @@ TRAIN = Command(
     description="Fine-tune a LoRA adapter (or, with --full-finetune, every weight) and write a run "
     "directory: "
     "adapter/, metrics.jsonl, metrics.json, loss.png, config.yaml. With no arguments: all-MiniLM-L6-v2 "
-    "on the embedded support-intent dataset (about a minute on a laptop CPU).",
+    "on the embedded support-intent dataset (about a minute on a laptop CPU). With --task causal-lm and no "
+    "model or data: SmolLM2-135M-Instruct learns to answer the bundled support tickets in JSON (a few minutes).",
     add_arguments=_train_args,
     run=_train_run,
     epilog="examples:\n"
     "  lorafit train\n"
+    "  lorafit train --task causal-lm                  # the embedded LLM default (SmolLM2)\n"
     "  lorafit train --model minilm --train train.tsv --eval test.tsv --text-column sentence \\\n"
     "      --label-column label --max-samples 8000 --rank 8 --alpha 16 --targets query,key,value,dense\n"
     "  lorafit train --task causal-lm --model ./my-llm --train chat.jsonl --packing --max-length 512\n"

