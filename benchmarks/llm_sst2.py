@@ -22,7 +22,7 @@ normalised, must be the label word and then end the turn) on the test rows.
 Step time: the three trainings are interleaved step by step (lorafit, PEFT, QLoRA, lorafit, ...), each
 step timed alone, so a machine shared with other work slows all three alike; medians over the steps
 after the first 3 are reported, as wall time and as process CPU time, and their ratios to PEFT.
-Peak memory: each variant again in a fresh subprocess (base load + a few steps), peak RSS; the RSS
+Peak memory: each variant again in a fresh subprocess (base load + a few steps), its own peak RSS (VmHWM); the RSS
 right after loading the base is given beside it, so the difference is what training added.
 
 Order: the three trainings, their evaluations, the zero-shot evaluation, the memory subprocesses; the
@@ -39,7 +39,6 @@ import datetime
 import json
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,9 +126,12 @@ def accuracy(task, model, rows: list, batch_size: int) -> float:
 
 def memory_probe(args) -> None:
     """Subprocess: peak RSS of one variant (base load + --probe-steps steps); prints one JSON line."""
+    from lorafit.train.progress import peak_memory
+
     task = make_task(args.max_length)
     base = task.build_model()
-    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this process's own peak (VmHWM): ru_maxrss would include the parent's size at fork + exec
+    after_load = peak_memory(torch.device("cpu"))[0]
     rows = [task.encode(r, "x") for r in read_rows(SST2 / "train.tsv", args.batch_size * args.probe_steps, 0)]
     model = build(args.probe, base, args.seed)
     del base
@@ -137,7 +139,7 @@ def memory_probe(args) -> None:
     for batch in batches(task, rows, args.batch_size, args.seed):
         step(task, model, opt, sched, batch)
     print(json.dumps({"variant": args.probe, "rss_after_base_load": after_load,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": peak_memory(torch.device("cpu"))[0]}))
 
 
 def main() -> None:

@@ -170,3 +170,19 @@ def test_best_checkpoint_and_plain_progress(tmp_path, capsys):
     assert sum(line.startswith("eval @ step") for line in out) == 3
     png = (tmp_path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is Linux's")
+def test_peak_memory_is_this_process_not_its_parent():
+    """A child started by a big process reports its own peak (ru_maxrss would carry the parent's over exec)."""
+    import subprocess
+    import sys
+
+    from lorafit.train.progress import peak_memory
+
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB resident in this process
+    assert peak_memory(torch.device("cpu"))[0] > 400 * 2**20
+    code = "import torch; from lorafit.train.progress import peak_memory; print(peak_memory(torch.device('cpu'))[0])"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 50 * 2**20 < child < peak_memory(torch.device("cpu"))[0] - 300 * 2**20
+    del big

@@ -38,11 +38,28 @@ def fmt_bytes(n: float) -> str:
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory of this process so far: (bytes, kind). CUDA: max allocated; CPU: max RSS."""
+    """Peak memory of this process so far: (bytes, kind). CUDA: max allocated; CPU: max RSS.
+
+    On Linux the CPU peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` carries the parent's
+    resident size over ``fork`` + ``exec``, so a run started by a big process (a test runner, a
+    benchmark) would report its parent's memory as its own.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "CUDA peak allocated"
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return hwm, "peak RSS"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "peak RSS"
+
+
+def _vm_hwm() -> int | None:
+    """This process's own peak resident size in bytes (Linux ``VmHWM``), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    except (OSError, ValueError):
+        return None
 
 
 class Progress:
