@@ -160,3 +160,26 @@ def test_cli_adapter_directory_is_self_contained(which, request, tmp_path, cls_d
     metrics = json.loads((out / "metrics.json").read_text())
     card = (adapter / "README.md").read_text()
     assert "eval_loss" in card and f"{metrics['eval_loss']:.4f}"[:5] in card
+
+
+def test_eval_forwards_hold_a_bounded_logits_tensor(tiny_llama, monkeypatch):
+    """Evaluation splits a batch so one forward's fp32 logits stay within EVAL_LOGITS_BYTES; the loss is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    import lorafit.tasks.causal_lm as causal_lm
+
+    task = make_task(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(task.model_path).eval()
+    rows = [task.encode(r, "x") for r in QA * 2]
+    widths = []
+    real = task.loss_sum
+    monkeypatch.setattr(task, "loss_sum", lambda m, b: widths.append(tuple(b["input_ids"].shape)) or real(m, b))
+    with torch.no_grad():
+        whole = task.evaluate(model, rows, 8, torch.device("cpu"))
+        assert len(widths) == 1
+        vocab = model.get_output_embeddings().out_features
+        monkeypatch.setattr(causal_lm, "EVAL_LOGITS_BYTES", 3 * 4 * vocab * widths[0][1])  # 3 rows' worth
+        split = task.evaluate(model, rows, 8, torch.device("cpu"))
+    assert [n for n, _ in widths[1:]] == [3, 3, 2]
+    assert split["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-6)
+    assert split["eval_exact_match"] == whole["eval_exact_match"]

@@ -69,6 +69,7 @@ OPTIONS = [
     ATTN_OPTION,
 ]
 IGNORE = -100
+EVAL_LOGITS_BYTES = 256 * 2**20  # fp32 logits of one evaluation forward, at most (a single row may exceed it)
 
 
 def render_plain(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -279,21 +280,26 @@ class Task(TextModel, LoopTask):
                 torch.get_autocast_dtype(batch["input_ids"].device.type)
             )
         logits = model(input_ids=batch["input_ids"], **kwargs).logits
+        # the labels move left instead of the logits: logits[:, :-1] would copy the whole [B, L, vocab]
+        labels = batch["labels"]
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
         return nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            batch["labels"][:, 1:].flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
+            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
         )
 
-    def evaluate(
-        self, model: nn.Module, rows: list, batch_size: int, device: torch.device
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, rows: list, batch_size: int, device: torch.device) -> dict[str, float]:
+        """Loss (forwards of <= batch_size rows and EVAL_LOGITS_BYTES of logits: 64x128x49k is 1.6 GB), exact match."""
         total, count = 0.0, 0
-        for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in self.collate(rows[i : i + batch_size]).items()}
+        out_layer = getattr(model, "_orig_mod", model).get_output_embeddings()
+        vocab = getattr(out_layer, "out_features", None) or getattr(model.config, "vocab_size", 1)
+        i = 0
+        while i < len(rows):
+            width = max(len(ids) for ids, _ in rows[i : i + batch_size])
+            n = max(1, min(batch_size, EVAL_LOGITS_BYTES // (4 * vocab * width)))
+            batch = {k: v.to(device) for k, v in self.collate(rows[i : i + n]).items()}
             total += float(self.loss_sum(model, batch))
             count += self.count(batch)
+            i += n
         loss = total / max(count, 1)
         out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
         # prompt/completion and chat rows: greedy answers against the references (lorafit.tasks.generation)
