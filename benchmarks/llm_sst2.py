@@ -124,6 +124,26 @@ def accuracy(task, model, rows: list, batch_size: int) -> float:
     return out["eval_exact_match"]
 
 
+def label_word_accuracy(task, model, rows: list, batch_size: int) -> float:
+    """Lenient score for the base model, which answers in a sentence ("This review is positive."): the share
+    of rows whose greedy answer names the right label word before the other one (or alone)."""
+    from lorafit.tasks.generation import greedy, prompt_and_reference
+
+    pairs = [prompt_and_reference(ids, labels) for ids, labels in rows]
+    stop = [task.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    hits = 0
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            for (_, ref), gen in zip(chunk, greedy(model, [p for p, _ in chunk], 16, task.pad_id, stop,
+                                                   torch.device("cpu"))):
+                want = task.tokenizer.decode(ref, skip_special_tokens=True).strip()
+                text = task.tokenizer.decode(gen, skip_special_tokens=True).lower()
+                found = sorted((text.find(w), w) for w in WORDS.values() if w in text)
+                hits += bool(found) and found[0][1] == want
+    return hits / len(pairs)
+
+
 def memory_probe(args) -> None:
     """Subprocess: peak RSS of one variant (base load + --probe-steps steps); prints one JSON line."""
     from lorafit.train.progress import peak_memory
@@ -156,6 +176,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list of lorafit,peft,qlora (ratios need peft in the same run)")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip the base model's evaluation")
+    ap.add_argument("--lenient-zero-shot", type=Path, metavar="JSON",
+                    help="only: add the base model's label-word accuracy to an existing results JSON")
     ap.add_argument("--probe", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--probe-steps", type=int, default=6, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
@@ -168,6 +190,16 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.probe:
         memory_probe(args)
+        return
+    if args.lenient_zero_shot:
+        task = make_task(args.max_length)
+        base = task.build_model().eval()
+        test = [task.encode(r, f"test {i}") for i, r in enumerate(read_rows(SST2 / "test.tsv", args.test_rows, 0))]
+        report = json.loads(args.lenient_zero_shot.read_text())
+        report["results"]["zero-shot"]["label_word_first"] = label_word_accuracy(task, base, test,
+                                                                                 args.eval_batch_size)
+        args.lenient_zero_shot.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"zero-shot label-word accuracy {report['results']['zero-shot']['label_word_first']:.4f}")
         return
 
 
@@ -259,7 +291,9 @@ def table(results: dict) -> str:
              "| peak RSS (GiB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     if "zero-shot" in results:
-        lines.append(f"| zero-shot base | {results['zero-shot']['accuracy']:.4f} | | | | | |")
+        zs = results["zero-shot"]
+        lenient = f" (says the right label first: {zs['label_word_first']:.3f})" if "label_word_first" in zs else ""
+        lines.append(f"| zero-shot base | {zs['accuracy']:.3f}{lenient} | | | | | |")
     for v, name in (("lorafit", "lorafit LoRA"), ("peft", "PEFT LoRA"), ("qlora", "lorafit QLoRA NF4")):
         if v not in results:
             continue

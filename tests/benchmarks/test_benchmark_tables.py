@@ -116,3 +116,13 @@ def test_readme_sst2_memory_numbers_are_the_tables():
     table_cells = set(re.findall(r"\b\d+\b", (RESULTS / "sst2.md").read_text()))
     for n in numbers:
         assert n.replace(",", "") in table_cells, f"README.md SST-2 paragraph: {n} MiB is not in sst2.md"
+
+
+def test_readme_llm_table_is_the_committed_json():
+    """README.md's SmolLM2 / SST-2 table is llm_sst2.table of the committed runs (the LoRA pair, then QLoRA)."""
+    import llm_sst2
+
+    runs = [RESULTS / "llm-sst2-cpu-2026-12-01.json", RESULTS / "llm-sst2-qlora-cpu-2026-12-01.json"]
+    results = llm_sst2.merged_results(runs)
+    assert {"zero-shot", "lorafit", "peft", "qlora"} <= set(results)
+    assert llm_sst2.table(results) in (ROOT / "README.md").read_text()
