@@ -2,8 +2,8 @@
 
     python benchmarks/llm_sst2.py                       # 1,000 train rows, the 872 test rows (CPU: ~1 h)
     python benchmarks/llm_sst2.py --train-rows 64 --test-rows 32 --no-memory   # a quick look
-    # on 2 cores, as run for the results: the LoRA pair interleaved, QLoRA (CPU NF4 decoding, ~5x a
-    # LoRA step) in a second process alongside, each on one thread
+    # on 2 cores, as run for the results: the LoRA pair interleaved, QLoRA in a second process alongside,
+    # each on one thread (three variants interleaved in one process oversubscribed a shared machine)
     python benchmarks/llm_sst2.py --variants lorafit,peft --threads 1
     python benchmarks/llm_sst2.py --variants qlora --no-zero-shot --threads 1 \
         --out benchmarks/results/llm-sst2-qlora-cpu-DATE.json
