@@ -69,7 +69,7 @@ def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_
 
 
 def stop_tokens(tokenizer, references: list[list[int]]) -> list[int]:
-    """EOS plus every special token that ends a reference (where a correct answer stops)."""
+    """EOS plus the special tokens found in the references (a chat template's end of turn): where an answer stops."""
     special = set(tokenizer.all_special_ids)
     ends = {ref[i] for ref in references for i in range(len(ref)) if ref[i] in special}
     return sorted(ends | ({tokenizer.eos_token_id} - {None}))
