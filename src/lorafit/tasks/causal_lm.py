@@ -354,8 +354,7 @@ class Task(TextModel, LoopTask):
 
     def save_full(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        self.save_extras(directory)
+        self.save_extras(directory)  # the job info and the tokenizer
 
     export_merged = save_full
 

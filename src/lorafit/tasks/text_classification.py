@@ -277,7 +277,6 @@ class Task(TextModel, LabelFiles, LoopTask):
         """A directory ``AutoModel.from_pretrained`` loads (the encoder), plus ``head.safetensors``."""
         directory = Path(directory)
         model.encoder.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head, directory / HEAD_FILE, metadata={"format": "pt"})
         self.save_extras(directory)
