@@ -90,14 +90,18 @@ def disabled(model: nn.Module):
 
 
 @contextlib.contextmanager
-def adapter_batch(model: nn.Module, names, slots=None):
+def adapter_batch(model: nn.Module, names, slots=None, share_weights: bool = False):
     """Within the block, batch row i uses adapter ``names[i]`` (``None`` = base only).
 
     One batched pass: each layer gathers per-row A/B from weights stacked once per block.
     Rows are the first dimension of each layer's input (batch-first models). ``slots`` (optional,
     a superset of the names, in a fixed order) is the stacking order: the layers' stacked weights
     are cached per order, so a server passing the same slots for every batch re-stacks only when
-    that set changes, not whenever the mix of adapters in a batch does.
+    that set changes, not whenever the mix of adapters in a batch does. ``share_weights=True``
+    then makes the stacks the adapters' storage (their A and B become views of it), so a server
+    holding many adapters keeps each one once instead of twice; a view still has its parameter's
+    version counter, so writing a parameter in place (a training step, a reload) re-stacks.
+    Adapters whose dtype differs from the forward's (fp32 masters on a bf16 base) keep their own copy.
     """
     names = list(names)
     known = adapter_names(model)
@@ -115,7 +119,7 @@ def adapter_batch(model: nn.Module, names, slots=None):
         raise RuntimeError("adapter_batch needs unmerged adapters; call lorafit.unmerge(model) first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = torch.tensor([distinct.index(n) if n is not None else len(distinct) for n in names], device=device)
-    state = {"names": distinct, "rows": rows}
+    state = {"names": distinct, "rows": rows, "share": bool(share_weights)}
     for m in layers:
         m._batch = dict(state)
     try:

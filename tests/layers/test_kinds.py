@@ -42,17 +42,18 @@ class BilinearLora(LoraLayer):
         return delta.to(self.base_layer.weight.dtype)
 
     def build_stacks(self, adapters, dtype, device):
-        w = self.base_layer.weight  # A [n + 1, r_max, in1, in2], B [n + 1, out, r_max]
-        a_stack, b_stack = zero_slots(adapters, w.shape[1:], w.shape[:1], dtype, device)
+        w = self.base_layer.weight  # A [n + 1, r_max, in1, in2], B [n + 1, out, r_max], scale [n + 1]
+        a_stack, b_stack, scale = zero_slots(adapters, w.shape[1:], w.shape[:1], dtype, device)
         for i, ad in enumerate(adapters):
             if ad is not None:
                 a_stack[i, : ad.r] = ad.lora_A.to(dtype)
-                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype) * ad.scaling
-        return a_stack, b_stack
+                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype)
+                scale[i] = ad.scaling
+        return a_stack, b_stack, scale
 
     def batched_delta(self, y, x1, rows, stacks, x2):
-        a_stack, b_stack = stacks
-        xa = torch.einsum("ni,nrij,nj->nr", x1.to(y.dtype), a_stack[rows], x2.to(y.dtype))
+        a_stack, b_stack, scale = stacks
+        xa = torch.einsum("ni,nrij,nj->nr", x1.to(y.dtype), a_stack[rows], x2.to(y.dtype)) * scale[rows, None]
         return y.add_(torch.einsum("nr,nor->no", xa, b_stack[rows]))
 
     def dora_layout(self, ad, weight):

@@ -2,7 +2,8 @@
 
 ``adapter_batch(model, names)``: row i of the output equals the float64 dense reference with
 only adapter names[i] (None: the base), for Linear, conv (every argument) and Embedding layers,
-whatever the mix of ranks, scalings and conv groups. After ``delete_adapter`` and
+whatever the mix of ranks, scalings and conv groups, with or without ``share_weights`` (which
+must leave every adapter's values as they were). After ``delete_adapter`` and
 ``set_adapter`` the forward equals the reference for the adapters left active.
 """
 
@@ -76,8 +77,12 @@ def test_adapter_batch_rows_match_dense(dtype, kind, data):
     model = copy.deepcopy(base)
     names = add_adapters(model, specs, active, gen)
     rows = [data.draw(st.sampled_from(names + [None])) for _ in range(x.shape[0])]
-    with torch.no_grad(), lorafit.adapter_batch(model, rows):
+    share = data.draw(st.booleans())  # the stacks become the adapters' storage: same rows, same values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), lorafit.adapter_batch(model, rows, share_weights=share):
         got = model(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
     ads = model.layer.adapters
     refs, allowed = [], []
     for i, name in enumerate(rows):

@@ -18,8 +18,8 @@ for, a kind declares here, with a default that fits the plain ``W + s B A`` layo
 ``form_from_file``     the adapter form a file's tensors imply (conv: PEFT's or grouped A)
 ``delta_weight``       ``s B A`` in the base weight's layout; ``merge_blocker`` why it cannot merge
 ``merge_adapter``      W += delta (and back); ``unloaded`` the plain module after merging
-``build_stacks`` /     mixed-adapter batches (`lorafit.adapter_batch`)
-``batched_delta``
+``build_stacks`` /     mixed-adapter batches (`lorafit.adapter_batch`); ``share_stacks`` makes
+``batched_delta``      the adapters views of the stacks (``share_weights``: one copy)
 ``dora_*``             the DoRA weight layout and forward (unsupported unless defined)
 ``dense_weight``       the base weight as fp32 [out, in] for PiSSA / OLoRA (None: unsupported)
 =====================  ===================================================================
@@ -210,8 +210,11 @@ class LoraLayer(nn.Module):
 
     # -------------------------------------------------------------- mixed-adapter batches
     def build_stacks(self, adapters: list[LoraAdapter | None], dtype, device):
-        """Stack the batch's adapters (None = absent here) once: scaling folded in, zero slots."""
+        """Stack the batch's adapters (None = absent here) once: a zero slot for base rows, the scales as a vector."""
         raise ValueError(f"adapter_batch is not supported for {type(self.base_layer).__name__} layers")
+
+    def share_stacks(self, adapters: list[LoraAdapter | None], stacks) -> None:
+        """``share_weights``: make the adapters' A and B views of their slots in ``stacks`` (default: keep copies)."""
 
     def batched_delta(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, stacks, *inputs) -> torch.Tensor:
         """y += per-row update, row i using stacked adapter rows[i] (slot n = base only).

@@ -12,6 +12,8 @@ This module imports nothing of lorafit: the wrappers call it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -31,6 +33,12 @@ def cached_stacks(layer, dtype, device):
     version counters, so a training step or a load invalidates it) - re-stacking on every block
     cost more than the batched matmuls themselves for one-token decoding.
 
+    With ``share_weights`` (``adapter_batch(..., share_weights=True)``) a fresh stack then becomes
+    the adapters' storage: the kind's ``share_stacks`` turns each adapter's A and B into views of
+    its slot, so a resident adapter is held once, not once as parameters and again stacked. The
+    old storage is freed when the last view of it is re-pointed. A re-pointed parameter keeps its own
+    version counter, so a later in-place write to it still invalidates the cache.
+
     Returns:
         whatever the kind's ``build_stacks`` returns, or None when the layer has none of the
         batch's adapters.
@@ -49,9 +57,14 @@ def cached_stacks(layer, dtype, device):
     if hit is not None and hit[0] == versions and all(x is y for x, y in zip(hit[1], adapters)):
         return hit[2]
     _check_batchable(adapters)
-    with torch.no_grad():
+    cache.clear()  # one entry per layer (the names of the current batch); the old stacks go before the new come
+    share = layer._batch.get("share", False)
+    # shared stacks are made outside inference mode: parameters must stay normal tensors (an inference
+    # tensor has no version counter and refuses in-place writes outside inference mode)
+    with torch.inference_mode(False) if share else contextlib.nullcontext(), torch.no_grad():
         stacks = layer.build_stacks(adapters, dtype, device) if any(a is not None for a in adapters) else None
-    cache.clear()  # one entry per layer: the names of the current mixed batch
+        if stacks is not None and share:
+            layer.share_stacks(adapters, stacks)  # the parameters' version counters are unchanged by it
     cache[key] = (versions, adapters, stacks)
     return stacks
 
@@ -64,11 +77,28 @@ def _check_batchable(adapters) -> None:
 
 
 def zero_slots(adapters, a_shape, b_shape, dtype, device):
-    """(A [n + 1, r_max, *a_shape], B [n + 1, *b_shape, r_max]) zeros for n adapters plus the base slot."""
+    """(A [n + 1, r_max, *a_shape], B [n + 1, *b_shape, r_max], scale [n + 1]) zeros for n adapters + the base slot.
+
+    B stays unscaled and the scales are a vector gathered per row: a slot can then be the very
+    storage of its adapter's parameters (``share_weights``), which a B with the scale folded in could not.
+    """
     r = max(a.r for a in adapters if a is not None)
     n = len(adapters) + 1
     return (torch.zeros(n, r, *a_shape, dtype=dtype, device=device),
-            torch.zeros(n, *b_shape, r, dtype=dtype, device=device))
+            torch.zeros(n, *b_shape, r, dtype=dtype, device=device),
+            torch.zeros(n, dtype=dtype, device=device))
+
+
+def can_share(ad, stack: torch.Tensor) -> bool:
+    """May ``ad``'s parameters become views of ``stack``? Only with the same dtype and device (an fp32
+    master adapter batched in bf16 keeps its own copy) and without sub-adapters."""
+    return ad is not None and ad.lora_A.dtype == stack.dtype and ad.lora_A.device == stack.device \
+        and len(ad.parts()) == 1
+
+
+def repoint(param: torch.Tensor, view: torch.Tensor) -> None:
+    """Make ``param`` use ``view``'s storage (same values); its autograd identity and version counter stay."""
+    param.data = view
 
 
 def batched_modules(modules, rows: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
+from .batched import can_share, repoint
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,6 +111,7 @@ class ConvLora(LoraLayer):
 
     # ------------------------------------------------------------------ batches: one A conv for all adapters
     def build_stacks(self, adapters, dtype, device):
+        """(A [g * n * rg, *a_shape] for one conv, B [n + 1, g, out/g, rg], scale [n + 1], a_groups, n, rg)."""
         present = [a for a in adapters if a is not None]
         if len({a.a_groups for a in present}) > 1:
             raise ValueError("adapter_batch: adapters of one conv layer use different conv forms (PEFT's and grouped)")
@@ -119,21 +121,35 @@ class ConvLora(LoraLayer):
         out = self.out_features
         a_stack = torch.zeros(groups, len(adapters), rg, *a_shape, dtype=dtype, device=device)
         b_stack = torch.zeros(len(adapters) + 1, groups, out // groups, rg, dtype=dtype, device=device)
+        scale = torch.zeros(len(adapters) + 1, dtype=dtype, device=device)
         for i, ad in enumerate(adapters):
             if ad is not None:
                 k = ad.r // groups
                 a_stack[:, i, :k] = ad.lora_A.to(dtype).view(groups, k, *a_shape)
-                b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(groups, out // groups, k)
-        return a_stack.reshape(-1, *a_shape), b_stack, present[0].a_groups, len(adapters), rg
+                b_stack[i, :, :, :k] = ad.lora_B.to(dtype).view(groups, out // groups, k)
+                scale[i] = ad.scaling
+        return a_stack.view(-1, *a_shape), b_stack, scale, present[0].a_groups, len(adapters), rg
+
+    def share_stacks(self, adapters, stacks):
+        """B [out, r/g, 1...] becomes a view of its slot; A too when groups == 1 (a grouped A's blocks are
+        not adjacent in the stack, so it keeps its own storage)."""
+        a_all, b_stack, _, _, n_ad, rg = stacks
+        a_stack = a_all.view(self.groups, n_ad, rg, *a_all.shape[1:])
+        for i, ad in enumerate(adapters):
+            if can_share(ad, b_stack):
+                k = ad.r // self.groups
+                repoint(ad.lora_B, b_stack[i, :, :, :k].reshape(self.out_features, k).view(ad.lora_B.shape))
+                if self.groups == 1:
+                    repoint(ad.lora_A, a_stack[0, i, :k])
 
     def batched_delta(self, y, x, rows, stacks):
         """y [N, out, *S] += per-row conv-LoRA delta; one A conv for all adapters, then a gather."""
-        a_all, b_stack, a_groups, n_ad, rg = stacks
+        a_all, b_stack, scale, a_groups, n_ad, rg = stacks
         xa = self.conv_a(x.to(y.dtype), a_all, a_groups)  # [N, g * n_ad * rg, *S]
         n, g = x.shape[0], b_stack.shape[1]
         xa = xa.view(n, g, n_ad, rg, -1)
         pick = rows.clamp(max=n_ad - 1)
-        xa = xa[torch.arange(n, device=x.device), :, pick]  # [N, g, rg, S]
+        xa = xa[torch.arange(n, device=x.device), :, pick] * scale[rows].view(n, 1, 1, 1)  # [N, g, rg, S]
         delta = torch.einsum("ngrs,ngor->ngos", xa, b_stack[rows])  # [N, g, out/g, S]
         return y.add_(delta.reshape(y.shape))
 

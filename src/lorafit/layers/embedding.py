@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
+from .batched import can_share, repoint
 
 
 class EmbeddingLora(LoraLayer):
@@ -47,21 +48,33 @@ class EmbeddingLora(LoraLayer):
 
     # ------------------------------------------------------------------ batches
     def build_stacks(self, adapters, dtype, device):
+        """(A^T [n + 1, vocab, r_max], B [n + 1, dim, r_max], scale [n + 1]); slot n (the base) stays zero."""
         r, n = max(a.r for a in adapters if a is not None), len(adapters) + 1
         a_stack = torch.zeros(n, self.in_features, r, dtype=dtype, device=device)  # [n + 1, vocab, r]
         b_stack = torch.zeros(n, self.out_features, r, dtype=dtype, device=device)
+        scale = torch.zeros(n, dtype=dtype, device=device)
         for i, ad in enumerate(adapters):
             if ad is not None:
                 a_stack[i, :, : ad.r] = ad.lora_A.to(dtype).t()
-                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype) * ad.scaling
-        return a_stack, b_stack
+                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype)
+                scale[i] = ad.scaling
+        return a_stack, b_stack, scale
+
+    def share_stacks(self, adapters, stacks):
+        """Each adapter's A [r, vocab] and B [dim, r] become views of its slot (``share_weights``)."""
+        a_stack, b_stack, _ = stacks
+        for i, ad in enumerate(adapters):
+            if can_share(ad, a_stack):
+                repoint(ad.lora_A, a_stack[i, :, : ad.r].t())
+                repoint(ad.lora_B, b_stack[i, :, : ad.r])
 
     def batched_delta(self, y, ids, rows, stacks):
         """y [N, ..., dim] += per-row s_i A_i[:, ids]^T B_i^T, with ids [N, ...]."""
-        a_stack, b_stack = stacks
+        a_stack, b_stack, scale = stacks
         n = ids.shape[0]
         xa = a_stack[rows.view(n, *([1] * (ids.dim() - 1))), ids]  # [N, ..., r]
-        delta = torch.bmm(xa.reshape(n, -1, xa.shape[-1]), b_stack[rows].transpose(1, 2))
+        xa = xa.reshape(n, -1, xa.shape[-1]).mul_(scale[rows].view(n, 1, 1))
+        delta = torch.bmm(xa, b_stack[rows].transpose(1, 2))
         return y.add_(delta.view(y.shape))
 
     # ------------------------------------------------------------------ DoRA: norm per embedding dimension
