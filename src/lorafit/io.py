@@ -11,7 +11,6 @@ adapter modules) before the model is touched.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from . import variants
 from ._version import __version__
 from .common.files import atomic_write, clean_stale_temps
 from .config import check_adapter_name
+from .fingerprint import ROUNDED, base_matches, fingerprint
 from .inject import commit, plan_injection, plan_saved
 from .layers import LoraLayer, peft_suffixes, wrapper_for
 from .model_card import CARD_NAME, is_lorafit_card, model_card
@@ -37,27 +37,9 @@ from .tree import (adapter_configs, adapter_names, base_named_parameters, full_t
 
 
 
-def fingerprint(named_weights) -> str | None:
-    """A cheap, stable hash of base weights: names, shapes and 1024 evenly spaced values each."""
-    h = hashlib.sha256()
-    count = 0
-    for name, w in sorted(named_weights, key=lambda t: t[0]):
-        flat = full_tensor(w.detach()).reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 1024), device=flat.device).long()
-        h.update(name.encode())
-        h.update(str(tuple(w.shape)).encode())
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-        count += 1
-    return h.hexdigest()[:32] if count else None
-
-
 def _base_weights(layers):
     """(name, weight) of targeted full-precision bases (quantized bases have none to hash)."""
     return [(n, w) for n, w in ((n, layer.fingerprint_weight()) for n, layer in layers) if w is not None]
-
-
-
-
 
 
 def save_adapter(model: nn.Module, directory, adapter: str = "default", base_model_name_or_path: str | None = None,
@@ -134,6 +116,8 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
     fp = None if convert_to_lora else fingerprint(_base_weights(layers))  # converted: fits the original base
     if fp:
         meta["lorafit_base_fingerprint"] = fp
+        meta.update({f"lorafit_base_fingerprint_{k}": fingerprint(_base_weights(layers), dt)
+                     for k, dt in ROUNDED.items()})
     meta.update(metadata or {})
 
     def write():
@@ -283,9 +267,7 @@ def load_adapter(model: nn.Module, directory, adapter: str = "default") -> nn.Mo
     _copy_plan(plan, lora, file)
     saved = _load_saved(model, config, adapter, rest, file, {item.name for item in plan})
     biases = _load_biases(model, rest, file)
-    fp = fingerprint(_base_weights([(i.name, i.wrapper) for i in plan]))
-    want = meta.get("lorafit_base_fingerprint")
-    if want and fp and want != fp:
+    if not base_matches(meta, _base_weights([(i.name, i.wrapper) for i in plan])):
         warnings.warn(f"{file}: the base weights differ from the ones this adapter was trained on "
                       "(fingerprint mismatch)", stacklevel=2)
     commit(model, config, adapter, plan, saved)

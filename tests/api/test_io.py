@@ -47,6 +47,38 @@ def test_fingerprint_mismatch_warns(saved):
         lorafit.load_adapter(other, d)
 
 
+def test_fingerprint_holds_for_the_same_base_cast_to_bf16_or_fp16(saved, tmp_path):
+    """An adapter trained on an fp32 base loads onto that base in bf16 or fp16 without a mismatch warning;
+    other bf16 weights, or a file from before the bf16 fingerprint, still warn."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    model, d = saved
+    base = copy.deepcopy(model)
+    lorafit.unload(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorafit.load_adapter(copy.deepcopy(base).to(torch.bfloat16), d)
+        lorafit.load_adapter(copy.deepcopy(base).to(torch.bfloat16).float(), d)  # bf16 and back: same bf16 values
+        lorafit.load_adapter(copy.deepcopy(base).to(torch.float16), d)
+    other = copy.deepcopy(base).to(torch.bfloat16)
+    with torch.no_grad():
+        other.lin.weight[0, 0] += 0.5  # the first sampled value
+    with pytest.warns(UserWarning, match="fingerprint"):
+        lorafit.load_adapter(other, d)
+    from safetensors import safe_open
+    with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    meta.pop("lorafit_base_fingerprint_bf16"), meta.pop("lorafit_base_fingerprint_fp16")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text((d / "adapter_config.json").read_text())
+    save_file(load_file(d / "adapter_model.safetensors"), old / "adapter_model.safetensors", metadata=meta)
+    with pytest.warns(UserWarning, match="fingerprint"):
+        lorafit.load_adapter(copy.deepcopy(base).to(torch.bfloat16), old)
+
+
 def _assert_load_fails(model, d, match):
     before = state(model)
     types = [type(m) for m in model.modules()]
