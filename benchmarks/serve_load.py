@@ -17,7 +17,9 @@ round so drift on a shared machine hits them alike:
 Reported per mode: generated tokens/s (wall clock: what a client sees), tokens per CPU second
 of the server process (the cost, less sensitive to other load on a shared machine), requests/s,
 p50/p99 latency, peak RSS; the ratios pooled, as the median of per-round ratios, and per CPU second. Then the memory
-of a resident adapter (RSS growth and parameter bytes per adapter vs its file size) and a soak
+of a resident adapter vs its file size: RSS growth per adapter, and the bytes of the distinct
+storages behind the adapters and the layers' stacks (the server batches with ``share_weights``,
+so the stacks ARE the adapters' storage: one copy), and a soak
 of ``--soak`` short requests over all 32 adapters with ``--max-resident 8`` (a load and an
 eviction for most batches), RSS sampled along the way: it must stay flat.
 
@@ -92,6 +94,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import lorafit  # noqa: E402
 from lorafit.serve import Background, Limits, Server  # noqa: E402
+from lorafit.serve.engine import release_freed_memory  # noqa: E402
 from lorafit.tree import lora_layers  # noqa: E402
 
 
@@ -104,6 +107,22 @@ def _tensors(x):
     elif isinstance(x, dict):
         for y in x.values():
             yield from _tensors(y)
+
+
+def held_bytes(model) -> int:
+    """Bytes of every distinct storage behind the adapters' parameters and the layers' stacks.
+
+    With ``share_weights`` the parameters are views of the stacks, so each storage counts once;
+    without it, parameters and stacks are two copies.
+    """
+    seen = {}
+    for _, layer in lora_layers(model):
+        tensors = [p for ad in layer.adapters.values() for p in ad.parameters()]
+        tensors += [t for entry in layer.stack_cache.values() for t in _tensors(entry[2])]
+        for t in tensors:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 def rss() -> int:
@@ -224,15 +243,18 @@ def main() -> int:
         for _ in range(3):  # warm-up on the base: the allocations of a forward are made before measuring
             asyncio.run(load(bg.url, args.clients, 1, ["base"], args.max_tokens, seed=99))
         gc.collect()
+        release_freed_memory()  # the server trims after batches that load; measure from a trimmed heap too
         rss0 = rss()
-        for name in chosen:  # one adapter per request: the stacked-weights cache holds one adapter at a time
+        for name in chosen:  # one adapter per request; each batch stacks every resident adapter
             asyncio.run(load(bg.url, 1, 1, [name], 2, seed=98))
         gc.collect()
+        release_freed_memory()
         per_adapter_rss = (rss() - rss0) / len(chosen)
         param_bytes = statistics.mean(r.bytes for r in server.store.resident.values())
         asyncio.run(load(bg.url, args.clients, 2, chosen, 2, seed=97))  # a mixed batch: stacks of up to 8 adapters
         stacks = sum(t.numel() * t.element_size() for _, layer in lora_layers(model) for entry in
                      layer.stack_cache.values() for t in _tensors(entry[2]))
+        held = held_bytes(model)
         order = list(modes)
         for rnd in range(args.rounds):
             for mode in order[rnd % 3:] + order[: rnd % 3]:
@@ -293,7 +315,9 @@ def main() -> int:
         "targets": {"mixed_over_single": ">= 0.8", "mixed_over_switching": ">= 3"},
         "adapter_memory": {"file_bytes": file_bytes, "param_bytes": param_bytes,
                            "rss_growth_per_adapter": per_adapter_rss, "rss_over_file": per_adapter_rss / file_bytes,
-                           "batch_stacks_bytes": stacks, "batch_stacks_adapters": len(server.store.resident)},
+                           "batch_stacks_bytes": stacks, "batch_stacks_adapters": len(server.store.resident),
+                           "held_bytes_per_adapter": held / len(server.store.resident),
+                           "held_over_file": held / len(server.store.resident) / file_bytes},
         "soak": {"requests": done, "seconds": soak_s, "loads": loads, "evictions": evictions,
                  "rss_samples": samples, "rss_max_over_first_quarter_max": max(v for _, v in samples) / first_q},
     }

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 . .venv/bin/activate
 # the dev extra: peft (parity), hypothesis (tests/property), import-linter (the layer contracts),
 # triton on Linux x86_64 (its CPU interpreter)
-if ! python -c "import lorafit, peft, pytest, hypothesis, importlinter, gguf, trl, datasets, fastapi, platform, sys
+if ! python -c "import lorafit, peft, pytest, hypothesis, importlinter, gguf, trl, datasets, fastapi, python_multipart, platform, sys
 sys.platform != 'linux' or platform.machine() != 'x86_64' or __import__('triton')" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"   # CPU wheel; a bare torch requirement pulls a CUDA build

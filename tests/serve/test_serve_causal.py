@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.serve import Background, Server
-from lorafit.tree import adapter_names
+import lorafit.serve.engine as engine_module
+from lorafit.tree import adapter_names, lora_layers
 from tests.serve.helpers import causal_adapter, greedy, load_reference
 
 PROMPTS = ["the film was", "hello, how are you today? the trip was", "q", "the concert was great, really"]
@@ -102,10 +103,12 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, expecte
         assert seeded[0] == seeded[1]  # sampling with a seed is reproducible
 
 
-def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, expected, tmp_path):
+def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, expected, tmp_path, monkeypatch):
     directory = tmp_path / "dir"
     shutil.copytree(adapters / "dir", directory)
     server = make_server(tiny_llama, directory, max_resident=2, window_ms=1)
+    trims = []
+    monkeypatch.setattr(engine_module, "_TRIM", lambda pad: trims.append(pad))
     with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
         def text(name, prompt=PROMPTS[1]):
             r = client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 10,
@@ -116,10 +119,18 @@ def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, exp
         for name in NAMES:
             assert text(name) == expected[name, PROMPTS[1]]
         assert list(server.store.resident) == ["b", "c"] and len(adapter_names(server.model)) == 2
+        assert len(trims) == 3  # each of those batches loaded an adapter: freed heap pages handed back
         assert text("a") == expected["a", PROMPTS[1]]  # evicted, reloaded from its file
         assert list(server.store.resident) == ["c", "a"] and len(adapter_names(server.model)) == 2
         assert server.metrics.loads == 4 and server.metrics.evictions == 2
         assert text("c") == expected["c", PROMPTS[1]] and server.metrics.loads == 4  # resident: no reload
+        assert len(trims) == 4  # no load, no eviction: no trim
+        # one copy: every resident adapter's A and B are views of the layers' stacked weights
+        for _, layer in lora_layers(server.model):
+            stacks = {t.untyped_storage().data_ptr() for entry in layer.stack_cache.values() for t in entry[2][:2]}
+            for key in (r.key for r in server.store.resident.values()):
+                for param in layer.adapters[key].parameters():
+                    assert param.untyped_storage().data_ptr() in stacks
         # a new directory appears (written elsewhere, then renamed in): served without a restart
         assert client.post("/v1/completions", json={"model": "d", "prompt": "x"}).status_code == 404
         shutil.copytree(adapters / "spare" / "d", tmp_path / "incoming")
@@ -135,6 +146,27 @@ def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, exp
         metrics = client.get("/metrics").text  # evicted: a, b (for c, a), a (for d), c (for a), a (its new file)
         assert "lorafit_resident_adapters 2" in metrics and "lorafit_adapter_evictions_total 5" in metrics
         assert 'lorafit_requests_total{endpoint="completions",status="200"}' in metrics
+
+
+def test_bf16_server_keeps_adapters_once_in_bf16_and_batches_like_single_requests(tiny_llama, adapters):
+    """A base served in bf16: adapters trained on the fp32 base load (the bf16 fingerprint), are cast to
+    bf16 and become views of the stacks; a mixed batch answers as the same requests sent one by one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval().to(torch.bfloat16)
+    server = Server(model, AutoTokenizer.from_pretrained(tiny_llama), adapters / "dir", task="causal-lm",
+                    base_name="tiny", max_resident=3, window_ms=400)
+    reqs = [{"model": name, "prompt": p, "max_tokens": 8, "temperature": 0}
+            for name, p in zip(["tiny", *NAMES, "b", "a"], PROMPTS + PROMPTS[:2])]
+    with Background(server.app()) as bg, httpx.Client(base_url=bg.url, timeout=60) as client:
+        batched = asyncio.run(_complete_all(bg.url, reqs))
+        assert server.metrics.batch.n == 1 and server.metrics.load_failures == 0
+        for req, ans in zip(reqs, batched):
+            alone = client.post("/v1/completions", json=req).json()
+            assert ans["choices"][0]["text"] == alone["choices"][0]["text"], req
+    for _, layer in lora_layers(model):
+        stacks = {t.untyped_storage().data_ptr() for entry in layer.stack_cache.values() for t in entry[2][:2]}
+        for key in (r.key for r in server.store.resident.values()):
+            for param in layer.adapters[key].parameters():
+                assert param.dtype == torch.bfloat16 and param.untyped_storage().data_ptr() in stacks
 
 
 def _slow(model, seconds):

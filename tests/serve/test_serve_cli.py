@@ -9,6 +9,7 @@ import time
 
 import httpx
 import openai
+import torch
 
 from lorafit.cli import main
 from tests.serve.helpers import causal_adapter
@@ -25,7 +26,7 @@ def test_lorafit_serve_subprocess(tiny_llama, tmp_path):
     causal_adapter(tiny_llama, tmp_path / "adapters" / "support-bot", seed=1)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", "--adapters", str(tmp_path / "adapters"),
-                             "--port", str(port), "--max-tokens", "32"], env=subprocess_env(),
+                             "--port", str(port), "--max-tokens", "32", "--dtype", "bfloat16"], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -46,7 +47,7 @@ def test_lorafit_serve_subprocess(tiny_llama, tmp_path):
     finally:
         proc.terminate()
         log = proc.communicate(timeout=30)[0]
-    assert f"lorafit serve: causal-lm base '{tiny_llama.name}', 1 adapter(s)" in log, log
+    assert f"lorafit serve: causal-lm base '{tiny_llama.name}' in bfloat16, 1 adapter(s)" in log, log
     assert "Traceback" not in log, log
 
 
@@ -59,3 +60,10 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert "--task" in err and "invalid choice" in err
     assert main(["serve", "--adapters", str(tmp_path), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_dtype_flag():
+    from lorafit.serve.cli import serve_dtype
+
+    assert serve_dtype("auto", "cpu") == torch.float32 and serve_dtype("auto", "cuda") == torch.bfloat16
+    assert serve_dtype("float16", "cpu") == torch.float16 and serve_dtype("float32", "cuda") == torch.float32

@@ -98,6 +98,27 @@ def test_classify_image_mixed_adapters_equal_each_alone(tmp_path):
         assert r.status_code == 400 and "'model' is required" in r.json()["error"]["message"]
         assert client.post("/v1/classify-image?model=nope", content=b"x",
                            headers={"content-type": "image/png"}).status_code == 404
+        # multipart (curl -F model=shapes -F image=@a.png -F image=@b.png): the same numbers as base64 JSON
+        files = [("image", (p.name, p.read_bytes(), "image/png")) for p in images]
+        r = client.post("/v1/classify-image", data={"model": "shapes"}, files=files)
+        assert r.status_code == 200, r.text
+        assert [row["scores"] for row in r.json()["data"]] == [
+            pytest.approx(row["scores"], abs=1e-5) for row in as_json.json()["data"]]
+        for data, parts, status, words in [
+                ({}, files[:1], 400, "field 'model' is required"),
+                ({"model": "shapes"}, [("photo", files[0][1])], 400, "images go in parts named 'image'"),
+                ({"model": "shapes", "size": "3"}, files[:1], 400, "unknown field 'size'"),
+                ({"model": "shapes"}, [("image", ("x.png", b"\x89PNG broken", "image/png"))], 400,
+                 "not an image PIL can read"),
+                ({"model": "shapes"}, files * 20, 400, "multipart body"),  # over max_inputs (32) files
+                ({"model": "nope"}, files[:1], 404, "'nope' not found")]:
+            r = client.post("/v1/classify-image", data=data, files=parts)
+            assert r.status_code == status and words in r.json()["error"]["message"], r.text
+        r = client.post("/v1/classify-image", data={"model": "shapes", "image": "abc"}, files=[("x", files[0][1])])
+        assert r.status_code == 400 and "'image': given twice or not as a file" in r.text, r.text
+        r = client.post("/v1/classify-image", content=b"--zz\r\nnot a part",
+                        headers={"content-type": "multipart/form-data; boundary=zz"})
+        assert r.status_code == 400, r.text
         shutil.copytree(tmp_path / "two", d / "two")  # a 2-class head on a 3-class base: refused, the rest serves
         r = client.post("/v1/classify-image", json={"model": "two", "image": b64[0]})
         assert r.status_code == 422 and "two" in r.json()["error"]["message"]
@@ -185,6 +206,11 @@ def test_detect_mixed_adapters_equal_each_alone(base_pt, shapes, tmp_path):
         raw = client.post("/v1/detect?model=parts&conf=0.001&max_det=50", content=pngs[1],
                           headers={"content-type": "image/png"}).json()["data"][0]
         assert [b["box"] for b in raw["boxes"]] == [b["box"] for b in alone[2]["boxes"]]
+        form = client.post("/v1/detect", data={"model": "parts", "conf": "0.001", "max_det": "50"},
+                           files=[("image", ("b.png", pngs[1], "image/png"))])
+        assert [b["box"] for b in form.json()["data"][0]["boxes"]] == [b["box"] for b in alone[2]["boxes"]]
+        form = client.post("/v1/detect", data={"model": "parts", "conf": "2"}, files=[("image", ("b.png", pngs[1]))])
+        assert form.status_code == 400 and "conf" in form.json()["error"]["message"]
         for body, status in [({"model": "parts", "image": b64[0], "conf": 2}, 400),
                              ({"model": "parts", "image": base64.b64encode(b"GIF89a junk").decode()}, 400),
                              ({"model": "nope", "image": b64[0]}, 404)]:

@@ -83,6 +83,8 @@ class AdapterStore:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
         self.model, self.dir, self.max_resident, self.metrics = model, Path(directory), max_resident, metrics
         self.task, self.extras = task, extras
+        # the base's compute dtype: a bf16 / fp16 server keeps adapters in it (no fp32 masters to serve)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # name -> Resident, least recent first
         self._next_key = 0
 
@@ -175,6 +177,8 @@ class AdapterStore:
             raise ServeError(422, f"adapter {name!r}: {directory / WEIGHTS_NAME}: the base weights differ from the "
                                   "ones this adapter was trained on (fingerprint mismatch)",
                              param="model", code="adapter_invalid")
+        if self.dtype not in (torch.float32, torch.float64):
+            self._cast(key)
         extra = {}
         if self.extras is not None:
             try:
@@ -189,6 +193,14 @@ class AdapterStore:
         self.metrics.count("loads")
         self.load_seconds = time.perf_counter() - t0
         return key
+
+    def _cast(self, key: str) -> None:
+        """The adapter's A and B in the base's dtype: the batched forward computes in that dtype anyway,
+        and stacks of the same dtype can be the adapters' storage (one copy, ``share_weights``)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for _, layer in lora_layers(self.model):
+                if key in layer.adapters:
+                    layer.adapters[key].to(self.dtype)
 
     def _layers_of(self, key: str):
         for _, layer in lora_layers(self.model):

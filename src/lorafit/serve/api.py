@@ -196,9 +196,55 @@ def build_app(server):
         return JSONResponse({"object": "list", "model": f["model"],
                              "data": [{"index": i, **r} for i, r in enumerate(results)]})
 
+    async def multipart_images(request: Request, extra: dict) -> tuple[str, str, list, dict]:
+        """``curl -F model=ADAPTER -F image=@cat.jpg [-F image=@dog.jpg] [-F conf=0.5]``: file parts named
+        ``image`` (1 to max_inputs of them), every other part a field of the endpoint."""
+        from starlette import formparsers
+
+        if getattr(formparsers, "multipart", None) is None:
+            raise ServeError(415, "multipart uploads need the python-multipart package (pip install "
+                                  "'lorafit[serve]'); or send the image as base64 JSON or as the raw body")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
+            raise ServeError(413, f"request body is {declared} bytes; the limit is {limits.max_request_bytes} "
+                                  "(--max-request-bytes)")
+        try:
+            form = await request.form(max_files=limits.max_inputs, max_fields=32)  # unknown ones: named below
+        except (HTTPException, ValueError, KeyError) as exc:  # malformed or over the part limits
+            detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+            raise ServeError(400, f"multipart body: {detail}") from None
+        try:
+            blobs, fields, total = [], {}, 0
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    if key in fields or key == "image":
+                        raise ServeError(400, f"field {key!r}: given twice or not as a file", param=key)
+                    fields[key] = value
+                    continue
+                if key != "image":
+                    raise ServeError(400, f"file part {key!r}: images go in parts named 'image'", param=key)
+                data = await value.read()
+                total += len(data)
+                if total > limits.max_request_bytes:
+                    raise ServeError(413, f"uploaded images exceed {limits.max_request_bytes} bytes "
+                                          "(--max-request-bytes)")
+                blobs.append((data, f"image[{len(blobs)}] ({value.filename or 'no name'})"))
+        finally:
+            await form.close()
+        name = fields.pop("model", None)
+        if not name:
+            raise ServeError(400, "field 'model' is required (a form field next to the image parts)", param="model")
+        if not blobs:
+            raise ServeError(400, "field 'image': no file part named 'image' in the form", param="image")
+        got = read_fields({k: _number(v) for k, v in fields.items()}, extra)
+        return name, server.resolve(name), blobs, got
+
     async def images_of(request: Request, extra: dict) -> tuple[str, str, list, dict]:
-        """(model name, adapter, [(bytes, field)], other fields) of an image request: base64 JSON or a raw upload."""
+        """(model name, adapter, [(bytes, field)], other fields) of an image request: base64 JSON, a
+        multipart form (``curl -F``) or a raw upload (``curl --data-binary``)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return await multipart_images(request, extra)
         if ctype.startswith("image/") or ctype == "application/octet-stream":  # a raw upload, ?model=ADAPTER
             query = dict(request.query_params)
             name = query.pop("model", None)

@@ -123,7 +123,7 @@ class TextClassifier:
         for i, row in enumerate(ids_list):  # right padding: the classifier mean-pools over the mask
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots()):
+        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots(), share_weights=True):
             probs = torch.softmax(self.model(ids.to(self.device), mask.to(self.device)).float(), -1).cpu()
         for job, p in zip(jobs, probs):
             job.finish(self._result(job.adapter, p))

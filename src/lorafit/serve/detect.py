@@ -69,6 +69,7 @@ class Detector:
         self.model, self.imgsz, self.store = model, imgsz, store
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.device = next(model.parameters()).device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # --dtype: pixels follow
         names = getattr(model, "names", None) or {}
         self.base_names = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
 
@@ -81,10 +82,10 @@ class Detector:
         from ultralytics.utils import ops  # lazy: optional extra lorafit[yolo]
         from ultralytics.utils.nms import non_max_suppression
 
-        pixels = torch.stack([job.work["pixels"] for job in jobs]).to(self.device)
-        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots()):
+        pixels = torch.stack([job.work["pixels"] for job in jobs]).to(self.device, self.dtype)
+        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots(), share_weights=True):
             preds = self.model(pixels)
-        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        preds = (preds[0] if isinstance(preds, (list, tuple)) else preds).float()  # NMS in fp32 whatever --dtype
         for i, job in enumerate(jobs):
             w = job.work
             conf = self.conf if w.get("conf") is None else w["conf"]

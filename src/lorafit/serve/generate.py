@@ -153,7 +153,7 @@ class Generator:
         return self.tok.decode(row.out, skip_special_tokens=True)
 
     def _forward(self, keys, **inputs):
-        with lorafit.adapter_batch(self.model, keys, slots=self.slots()):
+        with lorafit.adapter_batch(self.model, keys, slots=self.slots(), share_weights=True):
             out = self.model(**inputs, **self.keep_arg, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         return cache, out.logits[:, -1]

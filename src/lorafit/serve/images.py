@@ -62,6 +62,7 @@ class ImageClassifier:
     def __init__(self, model: nn.Module, imgsz: int, store: AdapterStore):
         self.model, self.imgsz, self.store = model, imgsz, store
         self.device = next(model.parameters()).device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # --dtype: pixels follow
 
     def encode(self, data: bytes, field: str) -> torch.Tensor:
         return image_from_bytes(data, self.imgsz, field)
@@ -69,8 +70,8 @@ class ImageClassifier:
     @torch.inference_mode()
     def run(self, kind: str, jobs: list[Job], keys: list[str | None], admit=None) -> None:
         """One forward for the batch: pixels [N, 3, imgsz, imgsz] -> probabilities [N, labels]."""
-        pixels = torch.stack([job.work for job in jobs]).to(self.device)
-        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots()):
+        pixels = torch.stack([job.work for job in jobs]).to(self.device, self.dtype)
+        with lorafit.adapter_batch(self.model, keys, slots=self.store.slots(), share_weights=True):
             probs = torch.softmax(self.model(pixels).float(), -1).cpu()
         for job, p in zip(jobs, probs):
             labels = self.store.info(job.adapter).get("labels") or list(range(p.numel()))
