@@ -101,6 +101,26 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, expecte
         seeded = [client.completions.create(model="a", prompt="the", max_tokens=8, seed=5).choices[0].text
                   for _ in range(2)]
         assert seeded[0] == seeded[1]  # sampling with a seed is reproducible
+        # n choices per prompt, in OpenAI's order (prompt i's choices are i * n ... i * n + n - 1)
+        many = client.completions.create(model="b", prompt=PROMPTS[:2], n=3, max_tokens=10, temperature=0)
+        assert [c.index for c in many.choices] == list(range(6))
+        assert [c.text for c in many.choices] == [expected["b", p] for p in PROMPTS[:2] for _ in range(3)]
+        sampled = client.completions.create(model="a", prompt="the", n=4, max_tokens=8, seed=5)
+        assert sampled.choices[0].text == seeded[0]  # choice i samples with seed + i
+        assert len({c.text for c in sampled.choices}) > 1
+        chats = client.chat.completions.create(model="c", messages=[{"role": "user", "content": "the film"}],
+                                               n=2, max_tokens=6, temperature=0)
+        assert [c.message.content for c in chats.choices] == [chat.choices[0].message.content] * 2
+        # a prompt given as token ids answers as the same prompt given as text
+        ids = tok(PROMPTS[3])["input_ids"]
+        by_ids = client.completions.create(model="a", prompt=[ids, ids[:3]], max_tokens=10, temperature=0)
+        assert by_ids.choices[0].text == expected["a", PROMPTS[3]]
+        short = torch.tensor([ids[:3]])
+        with torch.no_grad():
+            out = load_reference(tiny_llama, adapters / "dir" / "a").generate(
+                short, attention_mask=torch.ones_like(short), max_new_tokens=10, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert by_ids.choices[1].text == tok.decode(out[0, 3:], skip_special_tokens=True)
 
 
 def test_lru_evicts_reloads_and_serves_new_directories(tiny_llama, adapters, expected, tmp_path, monkeypatch):

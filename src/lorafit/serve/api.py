@@ -108,11 +108,16 @@ def build_app(server):
         if chat:
             prompts, param = [backend.encode_chat(f["messages"])], "messages"
         else:
-            prompts, param = [backend.encode_prompt(p) for p in f["prompt"]], "prompt"
+            prompts, param = [backend.encode_prompt(p) if isinstance(p, str) else backend.check_ids(p, "prompt")
+                              for p in f["prompt"]], "prompt"
         for ids in prompts:
             backend.check_length(ids, max_tokens, param)
-        rows = [Row(ids, max_tokens, f["temperature"], f["top_p"], f["stop"],
-                    None if f["seed"] is None else f["seed"] + i) for i, ids in enumerate(prompts)]
+        if len(prompts) * f["n"] > limits.max_inputs:
+            raise ServeError(400, f"field 'n': {len(prompts)} prompt(s) x n {f['n']} = {len(prompts) * f['n']} "
+                                  f"choices; at most {limits.max_inputs} per request", param="n")
+        # choice i = prompt i // n, its (i % n)-th sample (OpenAI's order); a seed gives each choice seed + i
+        rows = [Row(list(prompts[i // f["n"]]), max_tokens, f["temperature"], f["top_p"], f["stop"],
+                    None if f["seed"] is None else f["seed"] + i) for i in range(len(prompts) * f["n"])]
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": f["model"]}
         if f["stream"]:

@@ -47,6 +47,7 @@ class CausalLM:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.gen = Generator(model, tokenizer, pad, eos_ids, on_tokens=lambda n: metrics.count("tokens_generated", n),
                              slots=store.slots)
 
@@ -62,6 +63,14 @@ class CausalLM:
             return list(self.tok(text, add_special_tokens=False)["input_ids"])
         text, _ = render_plain(messages)
         return list(self.tok(text + "assistant: ")["input_ids"])
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        """A token-id prompt: every id must be in the model's vocabulary (400 naming the first that is not)."""
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ServeError(400, f"{param}: token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                             param=param)
+        return ids
 
     def check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
         if not ids:

@@ -2,8 +2,8 @@
 
 Each endpoint declares its fields (:data:`COMPLETION`, :data:`CHAT`, :data:`CLASSIFY`). An
 unknown field is refused (a typo such as ``max_token`` would otherwise be silently ignored), and
-so is an OpenAI field set to a value lorafit does not implement (``n`` > 1, ``logprobs``,
-penalties): the request would otherwise get an answer computed differently from what it asked.
+so is an OpenAI field set to a value lorafit does not implement (``logprobs``, penalties): the
+request would otherwise get an answer computed differently from what it asked.
 """
 
 from __future__ import annotations
@@ -52,6 +52,26 @@ def texts(name: str, value: Any, max_items: int) -> list[str]:
     if len(value) > max_items:
         raise _bad(name, f"{len(value)} items; at most {max_items} per request")
     return [text(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def prompts(name: str, value: Any, max_items: int) -> list[str | list[int]]:
+    """OpenAI's ``prompt``: a string, a list of strings, a list of token ids, or a list of such lists.
+
+    Token ids are checked for type here and against the vocabulary by the backend.
+    """
+    def ids(where: str, v: list) -> list[int]:
+        if not v or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            raise _bad(where, "a token-id prompt must be a non-empty list of non-negative integers")
+        return list(v)
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return [ids(name, value)]
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        if len(value) > max_items:
+            raise _bad(name, f"{len(value)} items; at most {max_items} per request")
+        return [ids(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, list) and any(not isinstance(v, str) for v in value):
+        raise _bad(name, "must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    return texts(name, value, max_items)
 
 
 def number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> float | int:
@@ -138,6 +158,9 @@ def read_fields(body: dict[str, Any], spec: dict[str, tuple[Callable[[str, Any],
     return out
 
 
+MAX_N = 16  # choices per prompt (``n``); prompts x n is bounded by the request's max_inputs too
+
+
 def sampling_fields(max_tokens_limit: int, default_max_tokens: int) -> dict:
     """The generation fields common to /v1/completions and /v1/chat/completions."""
     return {
@@ -149,7 +172,7 @@ def sampling_fields(max_tokens_limit: int, default_max_tokens: int) -> dict:
         "stream": (fixed(False, True), False),
         "stream_options": (any_of(dict), None),
         "seed": (lambda n, v: number(n, v, -(2**63), 2**64 - 1, integer=True), None),
-        "n": (fixed(1), 1),
+        "n": (lambda n, v: number(n, v, 1, MAX_N, integer=True), 1),
         "user": (any_of(str), None),
         "presence_penalty": (fixed(0, 0.0), 0),
         "frequency_penalty": (fixed(0, 0.0), 0),
@@ -160,7 +183,7 @@ def sampling_fields(max_tokens_limit: int, default_max_tokens: int) -> dict:
 def completion_spec(max_tokens_limit: int, max_inputs: int) -> dict:
     return {
         **sampling_fields(max_tokens_limit, min(16, max_tokens_limit)),  # OpenAI's default max_tokens: 16
-        "prompt": (lambda n, v: texts(n, v, max_inputs), MISSING),
+        "prompt": (lambda n, v: prompts(n, v, max_inputs), MISSING),
         "echo": (fixed(False), False),
         "logprobs": (fixed(None, 0), None),
         "best_of": (fixed(1), 1),
