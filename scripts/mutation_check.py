@@ -153,8 +153,14 @@ MUTANTS = [
     # mixed-adapter batches (adapter_batch)
     m("batch_rows_shifted", L, "xa = torch.bmm(x3, a_stack[rows].transpose(1, 2))",
       "xa = torch.bmm(x3, a_stack[rows.roll(1)].transpose(1, 2))", BATCH),
-    m("batch_conv_scaling_dropped", C, "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype) * ad.scaling).view(",
-      "b_stack[i, :, :, :k] = (ad.lora_B.to(dtype)).view(", BATCH),
+    m("batch_conv_scaling_dropped", C, "                scale[i] = ad.scaling", "                scale[i] = 1.0",
+      BATCH),
+    m("batch_linear_scale_dropped", L, ".mul_(scale[rows].view(n, 1, 1))", "", BATCH),
+    m("share_wrong_slot", L, "repoint(ad.lora_A, a_stack[i, : ad.r])", "repoint(ad.lora_A, a_stack[0, : ad.r])",
+      ["tests/layers/test_batched_share.py", *BATCH]),
+    m("share_inference_tensors", "src/lorafit/layers/batched.py",
+      "with torch.inference_mode(False) if share else contextlib.nullcontext(), torch.no_grad():",
+      "with torch.no_grad():", ["tests/layers/test_batched_share.py"]),
     m("batch_stack_cache_stale", "src/lorafit/layers/batched.py", "if hit is not None and hit[0] == versions and",
       "if hit is not None and", BATCH),
     # the layer loop of set_adapter is tree.activate now (inject's re-activation goes through it too)
@@ -190,6 +196,14 @@ MUTANTS = [
     m("serve_evict_keeps_adapter", "src/lorafit/serve/adapters.py",
       "            lorafit.delete_adapter(self.model, key)", "            pass", ["tests/serve/test_serve_causal.py"],
       needs="fastapi"),
+    m("serve_adapters_not_cast", "src/lorafit/serve/adapters.py", "layer.adapters[key].to(self.dtype)", "pass",
+      ["tests/serve/test_serve_causal.py"], needs="fastapi"),
+    m("serve_never_trims", "src/lorafit/serve/engine.py",
+      "if self.metrics.loads + self.metrics.evictions != churn:", "if False:", ["tests/serve/test_serve_causal.py"],
+      needs="fastapi"),
+    m("fingerprint_not_rounded", "src/lorafit/fingerprint.py",
+      "values = flat[idx] if rounding is None else flat[idx].to(rounding)", "values = flat[idx]",
+      ["tests/api/test_io.py"]),
 ]
 
 
