@@ -101,6 +101,25 @@ def repoint(param: torch.Tensor, view: torch.Tensor) -> None:
     param.data = view
 
 
+def fill_slots(adapters, a_slot, b_stack: torch.Tensor, scale: torch.Tensor) -> None:
+    """Copy each adapter into its slot: A into ``a_slot(i, r)`` (a view of the A stack in A's own
+    [r, ...] shape), B [..., r] into ``b_stack[i, ..., :r]``, its scaling into ``scale[i]``."""
+    for i, ad in enumerate(adapters):
+        if ad is not None:
+            a_slot(i, ad.r).copy_(ad.lora_A)
+            b_stack[i, ..., : ad.r].copy_(ad.lora_B)
+            scale[i] = ad.scaling
+
+
+def share_slots(adapters, a_slot, a_stack: torch.Tensor, b_stack: torch.Tensor) -> None:
+    """``share_weights`` for a kind that filled its stacks with `fill_slots`: the same views become
+    the adapters' A and B."""
+    for i, ad in enumerate(adapters):
+        if can_share(ad, a_stack):
+            repoint(ad.lora_A, a_slot(i, ad.r))
+            repoint(ad.lora_B, b_stack[i, ..., : ad.r])
+
+
 def batched_modules(modules, rows: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Run each distinct module (e.g. per-adapter heads) and pick row i from module rows[i].
 

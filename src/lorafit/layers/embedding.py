@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
-from .batched import can_share, repoint
+from .batched import fill_slots, share_slots
 
 
 class EmbeddingLora(LoraLayer):
@@ -53,20 +53,13 @@ class EmbeddingLora(LoraLayer):
         a_stack = torch.zeros(n, self.in_features, r, dtype=dtype, device=device)  # [n + 1, vocab, r]
         b_stack = torch.zeros(n, self.out_features, r, dtype=dtype, device=device)
         scale = torch.zeros(n, dtype=dtype, device=device)
-        for i, ad in enumerate(adapters):
-            if ad is not None:
-                a_stack[i, :, : ad.r] = ad.lora_A.to(dtype).t()
-                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype)
-                scale[i] = ad.scaling
+        fill_slots(adapters, lambda i, k: a_stack[i, :, :k].t(), b_stack, scale)
         return a_stack, b_stack, scale
 
     def share_stacks(self, adapters, stacks):
         """Each adapter's A [r, vocab] and B [dim, r] become views of its slot (``share_weights``)."""
         a_stack, b_stack, _ = stacks
-        for i, ad in enumerate(adapters):
-            if can_share(ad, a_stack):
-                repoint(ad.lora_A, a_stack[i, :, : ad.r].t())
-                repoint(ad.lora_B, b_stack[i, :, : ad.r])
+        share_slots(adapters, lambda i, k: a_stack[i, :, :k].t(), a_stack, b_stack)
 
     def batched_delta(self, y, ids, rows, stacks):
         """y [N, ..., dim] += per-row s_i A_i[:, ids]^T B_i^T, with ids [N, ...]."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..functional import lora_add_, lora_linear
 from .base import LoraAdapter, LoraLayer, check_shareable, master_dtype
-from .batched import can_share, repoint, zero_slots
+from .batched import fill_slots, share_slots, zero_slots
 from .quantized import QuantizedBase
 
 log = logging.getLogger("lorafit")
@@ -114,20 +114,13 @@ class LinearLora(LoraLayer):
     def build_stacks(self, adapters, dtype, device):
         """(A [n + 1, r_max, in], B [n + 1, out, r_max], scale [n + 1]); slot n (the base) stays zero."""
         a_stack, b_stack, scale = zero_slots(adapters, (self.in_features,), (self.out_features,), dtype, device)
-        for i, ad in enumerate(adapters):
-            if ad is not None:
-                a_stack[i, : ad.r] = ad.lora_A.to(dtype)
-                b_stack[i, :, : ad.r] = ad.lora_B.to(dtype)
-                scale[i] = ad.scaling
+        fill_slots(adapters, lambda i, r: a_stack[i, :r], b_stack, scale)
         return a_stack, b_stack, scale
 
     def share_stacks(self, adapters, stacks):
         """Each adapter's A [r, in] and B [out, r] become views of its slot (``share_weights``)."""
         a_stack, b_stack, _ = stacks
-        for i, ad in enumerate(adapters):
-            if can_share(ad, a_stack):
-                repoint(ad.lora_A, a_stack[i, : ad.r])
-                repoint(ad.lora_B, b_stack[i, :, : ad.r])
+        share_slots(adapters, lambda i, r: a_stack[i, :r], a_stack, b_stack)
 
     def batched_delta(self, y, x, rows, stacks):
         """y [N, ..., out] += per-row s_i (x A_i^T) B_i^T, with x [N, ..., in]."""
