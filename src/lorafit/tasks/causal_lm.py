@@ -38,6 +38,7 @@ from lorafit.common.files import write_json
 from lorafit.data import DEFAULT_CHAT_EVAL, DEFAULT_CHAT_TRAIN
 from lorafit.tasks import ATTN_OPTION, LoopTask, TextModel, checkpoint_activations
 from lorafit.tasks.generation import exact_match, turn_end
+from lorafit.tasks.lm_loss import next_token_loss_sum
 from lorafit.train.data import read_table, take_samples
 from lorafit.train.options import Option
 
@@ -279,13 +280,7 @@ class Task(TextModel, LoopTask):
             kwargs["attention_mask"] = kwargs["attention_mask"].to(
                 torch.get_autocast_dtype(batch["input_ids"].device.type)
             )
-        logits = model(input_ids=batch["input_ids"], **kwargs).logits
-        # the labels move left instead of the logits: logits[:, :-1] would copy the whole [B, L, vocab]
-        labels = batch["labels"]
-        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
+        return next_token_loss_sum(model, batch["input_ids"], batch["labels"], **kwargs)  # the head on labels only
 
     def evaluate(self, model: nn.Module, rows: list, batch_size: int, device: torch.device) -> dict[str, float]:
         """Loss (forwards of <= batch_size rows and EVAL_LOGITS_BYTES of logits: 64x128x49k is 1.6 GB), exact match."""
