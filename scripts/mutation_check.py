@@ -2,7 +2,7 @@
 """Plant known faults in lorafit's core one at a time and check that the tests catch each one.
 
     python scripts/mutation_check.py                 # every mutant (a few minutes on 2 cores)
-    python scripts/mutation_check.py --list          # the mutants and the tests each one runs
+    python scripts/mutation_check.py --list          # the mutants, their tests, and whether each still applies
     python scripts/mutation_check.py --only merge_sign --only io_prefix
     python scripts/mutation_check.py --source head   # the last commit, not uncommitted edits
     python scripts/mutation_check.py --tests tests/property   # what the property layer alone catches
@@ -104,9 +104,9 @@ MUTANTS = [
     m("mha_out_proj_merge_sign", MH, "new_out = base.out_proj.weight + self._out_delta(name)",
       "new_out = base.out_proj.weight - self._out_delta(name)", MHA),
     # adapter key names in io (adapter_tensors is the key map of save AND load: a lorafit round trip stays consistent)
-    m("io_lora_A_B_swapped", IOF, "out[key_a], out[key_b] = part.lora_A, part.lora_B",
+    m("io_lora_A_B_swapped", "src/lorafit/peft_format.py", "out[key_a], out[key_b] = part.lora_A, part.lora_B",
       "out[key_a], out[key_b] = part.lora_B, part.lora_A", IO),
-    m("io_prefix", IOF, 'PREFIX = "base_model.model."', 'PREFIX = "base_model."', IO),
+    m("io_prefix", "src/lorafit/peft_format.py", 'PREFIX = "base_model.model."', 'PREFIX = "base_model."', IO),
     m("io_load_slots_swapped", IOF, "lora.setdefault(path, {})[suffix] = (PREFIX + key, val)",
       'lora.setdefault(path, {})[{"lora_A.weight": "lora_B.weight", "lora_B.weight": "lora_A.weight"}.get(suffix, '
       "suffix)] = (PREFIX + key, val)", IO),
@@ -202,6 +202,12 @@ MUTANTS = [
     m("serve_never_trims", "src/lorafit/serve/engine.py",
       "if self.metrics.loads + self.metrics.evictions != churn:", "if False:", ["tests/serve/test_serve_causal.py"],
       needs="fastapi"),
+    m("lm_loss_unshifted_targets", "src/lorafit/tasks/lm_loss.py",
+      "target.flatten().index_select(0, index),", "labels.flatten().index_select(0, index),",
+      ["tests/tasks/test_lm_loss.py"]),
+    m("lm_loss_wrong_positions", "src/lorafit/tasks/lm_loss.py",
+      "hidden.flatten(0, 1).index_select(0, index)[None]", "hidden.flatten(0, 1).index_select(0, index.roll(1))[None]",
+      ["tests/tasks/test_lm_loss.py"]),
     m("fingerprint_not_rounded", "src/lorafit/fingerprint.py",
       "values = flat[idx] if rounding is None else flat[idx].to(rounding)", "values = flat[idx]",
       ["tests/api/test_io.py"]),
@@ -361,6 +367,10 @@ def main(argv=None) -> int:
     if args.list:
         for mu in mutants:
             print(f"{mu.name:28} {mu.file}: {' '.join(expand(ROOT, mu.tests))}")
+        problems = check_applies(mutants, ROOT, args.tests)  # the working tree: does each mutant still apply?
+        if problems:
+            print("mutation_check: these mutants no longer apply:", *problems, sep="\n  ", file=sys.stderr)
+            return 2
         return 0
     signal.signal(signal.SIGTERM, _on_term)
     copies = []

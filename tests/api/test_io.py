@@ -62,6 +62,11 @@ def test_fingerprint_holds_for_the_same_base_cast_to_bf16_or_fp16(saved, tmp_pat
         lorafit.load_adapter(copy.deepcopy(base).to(torch.bfloat16), d)
         lorafit.load_adapter(copy.deepcopy(base).to(torch.bfloat16).float(), d)  # bf16 and back: same bf16 values
         lorafit.load_adapter(copy.deepcopy(base).to(torch.float16), d)
+    trained_bf16 = copy.deepcopy(model).to(torch.bfloat16)  # adapters trained on a bf16-loaded base ...
+    lorafit.save_adapter(trained_bf16, tmp_path / "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorafit.load_adapter(copy.deepcopy(base), tmp_path / "bf16")  # ... load onto its fp32 weights
     other = copy.deepcopy(base).to(torch.bfloat16)
     with torch.no_grad():
         other.lin.weight[0, 0] += 0.5  # the first sampled value
