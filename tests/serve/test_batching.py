@@ -64,3 +64,25 @@ def test_sampling_rows_each_follow_their_own_settings():
     assert len({p[2] for p in picks}) > 1  # a hot temperature really samples
     again = [Row([1], 3, temperature=5.0, seed=7)]
     assert [pick(logits[:1], again).item() for _ in range(20)] == [p[2] for p in picks]  # its own seeded stream
+
+
+def test_token_bytes_rebuild_text_split_inside_characters():
+    """Byte-level BPE tokens that end inside a UTF-8 character decode to U+FFFD alone; their raw bytes
+    (what chat logprobs report) join back into the text. SentencePiece byte-fallback pieces too."""
+    from lorafit.serve.generate import token_bytes
+    from tests.train.train_helpers import make_bpe_tokenizer
+
+    tok = make_bpe_tokenizer()
+    text = "the café costs 5 € or 日本円, ÿ\t\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)  # the case this is about occurs here
+    assert b"".join(token_bytes(tok, i) for i in ids) == text.encode("utf-8")
+
+    class ByteFallback:  # a SentencePiece vocabulary: bytes as <0xNN> pieces, others as text
+        def convert_ids_to_tokens(self, i):
+            return {0: "<0xE2>", 1: "▁cat"}[i]
+
+        def decode(self, ids):
+            return {0: "\ufffd", 1: " cat"}[ids[0]]
+
+    assert token_bytes(ByteFallback(), 0) == b"\xe2" and token_bytes(ByteFallback(), 1) == b" cat"

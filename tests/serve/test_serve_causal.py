@@ -189,6 +189,57 @@ def test_bf16_server_keeps_adapters_once_in_bf16_and_batches_like_single_request
                 assert param.dtype == torch.bfloat16 and param.untyped_storage().data_ptr() in stacks
 
 
+def test_logprobs_are_the_models_own_scores_in_a_mixed_batch(tiny_llama, adapters, expected):
+    """``logprobs`` (completions) and ``logprobs`` / ``top_logprobs`` (chat): each token's log-probability
+    and the top alternatives equal log_softmax of the model's logits for that adapter, run alone."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = torch.tensor([tok(PROMPTS[1])["input_ids"]])
+    with torch.no_grad():
+        ref = load_reference(tiny_llama, adapters / "dir" / "a").generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = ref.sequences[0, ids.shape[1]:].tolist()
+    text = tok.decode(new, skip_special_tokens=True)
+    lp = [torch.log_softmax(step[0].float(), -1) for step in ref.logits]
+    stop = text[3:5]
+    assert len(new) == 6 and len(stop) == 2
+    server = make_server(tiny_llama, adapters / "dir", max_resident=3, window_ms=300)
+    reqs = [{"model": "a", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logprobs": 3},
+            {"model": "b", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0}]
+    with Background(server.app()) as bg:
+        with_lp, plain = asyncio.run(_complete_all(bg.url, reqs))
+        assert server.metrics.batch.n == 1  # one mixed batch: a row with scores beside one without
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused")
+        chat = client.chat.completions.create(model="c", messages=[{"role": "user", "content": "the film"}],
+                                              max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+        cut = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=1,
+                                        stop=[stop])
+    assert plain["choices"][0]["text"] == expected["b", PROMPTS[0]] and plain["choices"][0]["logprobs"] is None
+    choice = with_lp["choices"][0]
+    assert choice["text"] == text
+    got = choice["logprobs"]
+    assert got["tokens"] == [tok.decode([t]) for t in new] and "".join(got["tokens"]) == text
+    assert got["token_logprobs"] == pytest.approx([float(lp[j][t]) for j, t in enumerate(new)], abs=1e-4)
+    for j, alts in enumerate(got["top_logprobs"]):
+        values, index = lp[j].topk(3)
+        want = {tok.decode([int(t)]): float(v) for t, v in zip(index, values)}  # OpenAI's {text: logprob}
+        assert list(alts) == list(want) and list(alts.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert got["text_offset"] == [len("".join(got["tokens"][:j])) for j in range(len(new))]
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and "".join(c.token for c in content) == \
+        chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].bytes == c.bytes for c in content)  # greedy
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    # raw bytes: joined, they are the text (a token ending inside a UTF-8 character shows as U+FFFD alone)
+    assert bytes(b for c in content for b in c.bytes).decode("utf-8", "replace") == chat.choices[0].message.content
+    # a stop string: the text ends before it, and so do the scored tokens (the one it starts in included)
+    scored, at = cut.choices[0].logprobs, text.find(stop)
+    assert cut.choices[0].text == text[:at] and cut.choices[0].finish_reason == "stop"
+    assert 0 < len(scored.tokens) < len(new) and all(o < at for o in scored.text_offset)
+    assert "".join(scored.tokens).startswith(text[:at]) and scored.token_logprobs == got["token_logprobs"][
+        :len(scored.tokens)]
+
+
 def _slow(model, seconds):
     """A forward pre-hook that sleeps: generation long enough to disconnect in the middle of it."""
     return model.register_forward_pre_hook(lambda *_: time.sleep(seconds))

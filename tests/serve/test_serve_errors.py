@@ -82,7 +82,9 @@ BAD = [  # (body, status, words of the message)
     ({"model": "good", "prompt": "x", "temperature": -1}, 400, ["'temperature'"]),
     ({"model": "good", "prompt": "x", "n": 17}, 400, ["'n'", "[1, 16]"]),
     ({"model": "good", "prompt": ["x", "y"], "n": 3}, 400, ["'n'", "6 choices", "at most 4"]),
-    ({"model": "good", "prompt": "x", "logprobs": 2}, 400, ["'logprobs'", "not supported"]),
+    ({"model": "good", "prompt": "x", "logprobs": 6}, 400, ["'logprobs'", "[0, 5]"]),
+    ({"model": "good", "prompt": "x", "logprobs": 2, "stream": True}, 400, ["'logprobs'", "stream"]),
+    ({"model": "good", "prompt": "x", "echo": True}, 400, ["'echo'", "not supported"]),
     ({"model": "good", "prompt": "x", "max_token": 5}, 400, ["unknown field 'max_token'"]),
     ({"prompt": "x"}, 400, ["'model'", "required"]),
     ({"model": "good", "prompt": "the film was " * 60, "max_tokens": 64}, 400, ["positions"]),
@@ -106,6 +108,11 @@ def test_bad_chat_requests_wrong_json_and_routes(served):
                             ([{"role": "user", "content": "hi", "extra": 1}], "unknown key 'extra'"),
                             ("hi", "'messages'")]:
         r = client.post("/v1/chat/completions", json={"model": "good", "messages": messages})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    hi = [{"role": "user", "content": "hi"}]
+    for extra, words in [({"top_logprobs": 2}, "needs 'logprobs': true"), ({"logprobs": 1}, "must be bool"),
+                         ({"logprobs": True, "top_logprobs": 21}, "[0, 20]")]:
+        r = client.post("/v1/chat/completions", json={"model": "good", "messages": hi, **extra})
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     for raw, words in [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"\xff\xfe", "not valid JSON")]:
         r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})

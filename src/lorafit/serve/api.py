@@ -52,6 +52,30 @@ def _number(text: str):
         return text
 
 
+def completion_logprobs(scores) -> dict | None:
+    """/v1/completions' ``logprobs`` object (``text_offset`` counts from the completion's start).
+
+    ``top_logprobs`` is OpenAI's {text: logprob} per token, so alternatives with the same text (two
+    partial UTF-8 byte tokens both shown as U+FFFD) keep one entry; the chat form lists them all.
+    """
+    if scores is None:
+        return None
+    return {"tokens": [t.token for t in scores], "token_logprobs": [t.logprob for t in scores],
+            "top_logprobs": [{a: v for a, v, _ in t.top} for t in scores] if any(t.top for t in scores) else None,
+            "text_offset": [t.offset for t in scores]}
+
+
+def chat_logprobs(scores) -> dict | None:
+    """/v1/chat/completions' ``logprobs`` object: ``content`` holds one entry per token."""
+    if scores is None:
+        return None
+
+    def entry(token: str, logprob: float, raw: bytes) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(raw)}
+    return {"content": [{**entry(t.token, t.logprob, t.bytes), "top_logprobs": [entry(*a) for a in t.top]}
+                        for t in scores], "refusal": None}
+
+
 def build_app(server):
     """The ASGI app of a :class:`lorafit.serve.server.Server` (its engine starts and stops with the app)."""
     from starlette.applications import Starlette
@@ -115,9 +139,11 @@ def build_app(server):
         if len(prompts) * f["n"] > limits.max_inputs:
             raise ServeError(400, f"field 'n': {len(prompts)} prompt(s) x n {f['n']} = {len(prompts) * f['n']} "
                                   f"choices; at most {limits.max_inputs} per request", param="n")
+        top = logprobs_wanted(f, chat)
         # choice i = prompt i // n, its (i % n)-th sample (OpenAI's order); a seed gives each choice seed + i
         rows = [Row(list(prompts[i // f["n"]]), max_tokens, f["temperature"], f["top_p"], f["stop"],
-                    None if f["seed"] is None else f["seed"] + i) for i in range(len(prompts) * f["n"])]
+                    None if f["seed"] is None else f["seed"] + i, logprobs=top)
+                for i in range(len(prompts) * f["n"])]
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": f["model"]}
         if f["stream"]:
@@ -128,11 +154,25 @@ def build_app(server):
                              "choices": [choice(chat, i, r) for i, r in enumerate(results)],
                              "usage": usage(results)})
 
+    def logprobs_wanted(f: dict, chat: bool) -> int | None:
+        """The top-k a request asks for with each token's log-probability, or None (not asked)."""
+        if chat:
+            if f["top_logprobs"] is not None and not f["logprobs"]:
+                raise ServeError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
+            top = (f["top_logprobs"] or 0) if f["logprobs"] else None
+        else:
+            top = f["logprobs"]
+        if top is not None and f["stream"]:
+            raise ServeError(400, "field 'logprobs': not supported with 'stream': true by lorafit serve",
+                             param="logprobs")
+        return top
+
     def choice(chat: bool, i: int, r: dict) -> dict:
         if chat:
-            return {"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
-                    "finish_reason": r["finish_reason"]}
-        return {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+            return {"index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": chat_logprobs(r["scores"]), "finish_reason": r["finish_reason"]}
+        return {"index": i, "text": r["text"], "logprobs": completion_logprobs(r["scores"]),
+                "finish_reason": r["finish_reason"]}
 
     def usage(results: list[dict]) -> dict:
         p, c = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)

@@ -95,7 +95,8 @@ class CausalLM:
             row.cancelled = job.cancelled.is_set
             row.done = (lambda text, reason, n, job=job: job.finish(
                 {"text": text, "finish_reason": reason, "completion_tokens": n,
-                 "prompt_tokens": len(job.work.ids)}))
+                 "prompt_tokens": len(job.work.ids),
+                 "scores": job.work.scores if job.work.logprobs is not None else None}))
             rows.append(row)
         return rows
 

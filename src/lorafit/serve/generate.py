@@ -40,6 +40,9 @@ class Row:
         cancelled: () -> bool, polled every step (a client that disconnected frees its row).
         emit: (text delta) -> None for streaming, or None.
         done: (text, finish_reason, n_generated) -> None, called exactly once.
+        logprobs: None = off; k = record each new token's log-probability under the model's own
+            distribution (the raw logits: before temperature and top_p) and the k most likely
+            alternatives; ``scores`` then holds one :class:`TokenScore` per token of the text.
     """
 
     ids: list[int]
@@ -54,6 +57,62 @@ class Row:
     out: list[int] = field(default_factory=list)
     sent: int = 0  # characters already emitted
     generator: torch.Generator | None = None
+    logprobs: int | None = None
+    scores: list = field(default_factory=list)  # per kept token: (id, logprob, [(id, logprob)] top-k)
+    pending: tuple = ()  # the scores of the token picked this step, appended if the token is kept
+
+
+@dataclass
+class TokenScore:
+    """One generated token as the response reports it: its text, log-probability, raw bytes, the top
+    alternatives (text, log-probability, bytes) and where its text starts in the completion."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+    top: list[tuple[str, float, bytes]]
+    offset: int
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2, Llama 3, SmolLM2) back to bytes: printable bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in keep}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def token_bytes(tok, token_id: int) -> bytes:
+    """A token's raw bytes: a token that ends inside a multi-byte character has no text of its own
+    (its decoded text is U+FFFD), but its bytes joined with the next token's decode to the character."""
+    piece = tok.convert_ids_to_tokens(token_id)
+    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    if isinstance(piece, str) and type(decoder).__name__ == "ByteLevel" and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])  # SentencePiece's byte fallback
+    return tok.decode([token_id]).encode("utf-8")
+
+
+def record_scores(logits: torch.Tensor, nxt: torch.Tensor, rows: list[Row]) -> None:
+    """For rows with ``logprobs`` set: log_softmax of this step's logits [B, V] -> ``row.pending``."""
+    want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    if not want:
+        return
+    index = torch.tensor(want, device=logits.device)
+    lp = torch.log_softmax(logits.index_select(0, index).float(), -1)  # [W, V]
+    chosen = lp.gather(1, nxt.index_select(0, index)[:, None])[:, 0].tolist()
+    k = max(rows[i].logprobs for i in want)
+    top = lp.topk(k, -1) if k else None
+    for j, i in enumerate(want):
+        kk = rows[i].logprobs
+        alts = list(zip(top.indices[j, :kk].tolist(), top.values[j, :kk].tolist())) if kk else []
+        rows[i].pending = (chosen[j], alts)
 
 
 def pick(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -190,6 +249,7 @@ class Generator:
         while state is not None:
             rows, keys, cache, logits, mask, last = state
             nxt = pick(logits, rows)
+            record_scores(logits, nxt, rows)
             self.on_tokens(len(rows))
             keep = [i for i, (row, t) in enumerate(zip(rows, nxt.tolist())) if not self._step(row, t)]
             state = None
@@ -220,10 +280,12 @@ class Generator:
         if token in self.eos_ids:
             return self._finish(row, self._text(row), "stop")
         row.out.append(token)
+        if row.logprobs is not None:
+            row.scores.append((token, *row.pending))
         text = self._text(row)
         cut = _stop_cut(text, row.stop) if row.stop else None
         if cut is not None:
-            return self._finish(row, text[:cut], "stop")
+            return self._finish(row, text[:cut], "stop", cut=True)
         if len(row.out) >= row.max_tokens:
             return self._finish(row, text, "length")
         if row.emit is not None:
@@ -233,9 +295,22 @@ class Generator:
                 row.sent = upto
         return False
 
-    def _finish(self, row: Row, text: str, reason: str) -> bool:
+    def _finish(self, row: Row, text: str, reason: str, cut: bool = False) -> bool:
         if row.emit is not None and len(text) > row.sent:
             row.emit(text[row.sent:])
             row.sent = len(text)
+        if row.logprobs is not None:
+            row.scores = self._token_scores(row, len(text) if cut else None)
         row.done(text, reason, len(row.out))
         return True
+
+    def _token_scores(self, row: Row, cut: int | None) -> list[TokenScore]:
+        """``row.scores`` as :class:`TokenScore`; after a stop string, only the tokens starting before it."""
+        out, start = [], 0
+        for j, (token, logprob, top) in enumerate(row.scores):
+            if cut is not None and start >= cut:
+                break
+            out.append(TokenScore(self.tok.decode([token]), logprob, token_bytes(self.tok, token),
+                                  [(self.tok.decode([t]), v, token_bytes(self.tok, t)) for t, v in top], start))
+            start = len(self.tok.decode(row.out[: j + 1], skip_special_tokens=True))
+        return out

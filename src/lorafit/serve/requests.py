@@ -2,7 +2,7 @@
 
 Each endpoint declares its fields (:data:`COMPLETION`, :data:`CHAT`, :data:`CLASSIFY`). An
 unknown field is refused (a typo such as ``max_token`` would otherwise be silently ignored), and
-so is an OpenAI field set to a value lorafit does not implement (``logprobs``, penalties): the
+so is an OpenAI field set to a value lorafit does not implement (``echo``, penalties): the
 request would otherwise get an answer computed differently from what it asked.
 """
 
@@ -185,7 +185,7 @@ def completion_spec(max_tokens_limit: int, max_inputs: int) -> dict:
         **sampling_fields(max_tokens_limit, min(16, max_tokens_limit)),  # OpenAI's default max_tokens: 16
         "prompt": (lambda n, v: prompts(n, v, max_inputs), MISSING),
         "echo": (fixed(False), False),
-        "logprobs": (fixed(None, 0), None),
+        "logprobs": (lambda n, v: number(n, v, 0, 5, integer=True), None),  # top alternatives per token
         "best_of": (fixed(1), 1),
         "suffix": (fixed(None, ""), None),
     }
@@ -196,8 +196,8 @@ def chat_spec(max_tokens_limit: int, max_inputs: int) -> dict:
         **sampling_fields(max_tokens_limit, max_tokens_limit),
         "messages": (lambda n, v: messages(n, v, max_inputs), MISSING),
         "max_completion_tokens": (lambda n, v: number(n, v, 1, max_tokens_limit, integer=True), None),
-        "logprobs": (fixed(False, None), False),
-        "top_logprobs": (fixed(None, 0), None),
+        "logprobs": (any_of(bool), False),
+        "top_logprobs": (lambda n, v: number(n, v, 0, 20, integer=True), None),
         "response_format": (fixed(None, {"type": "text"}), None),
     }
 
