@@ -240,6 +240,38 @@ def test_logprobs_are_the_models_own_scores_in_a_mixed_batch(tiny_llama, adapter
         :len(scored.tokens)]
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(tiny_llama, adapters, expected):
+    """``echo`` + ``logprobs`` + ``max_tokens`` 0 (lm-eval-harness' loglikelihood request): every prompt
+    token after the first scored by the adapter's model, in a batch beside an ordinary request."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tok(PROMPTS[3])["input_ids"]
+    with torch.no_grad():
+        logits = load_reference(tiny_llama, adapters / "dir" / "b")(torch.tensor([ids])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)
+    server = make_server(tiny_llama, adapters / "dir", max_resident=3, window_ms=300)
+    reqs = [{"model": "b", "prompt": PROMPTS[3], "max_tokens": 0, "echo": True, "logprobs": 1},
+            {"model": "a", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0},
+            {"model": "b", "prompt": PROMPTS[3], "max_tokens": 4, "echo": True, "logprobs": 1, "temperature": 0},
+            {"model": "b", "prompt": PROMPTS[3], "max_tokens": 4, "logprobs": 1, "temperature": 0}]
+    with Background(server.app()) as bg:
+        scored, plain, echoed, alone = (r["choices"][0] for r in asyncio.run(_complete_all(bg.url, reqs)))
+        assert server.metrics.batch.n == 1
+    assert plain["text"] == expected["a", PROMPTS[1]] and plain["logprobs"] is None
+    got = scored["logprobs"]
+    assert scored["text"] == PROMPTS[3] and scored["finish_reason"] == "length"
+    assert got["tokens"] == [tok.decode([t]) for t in ids] and got["token_logprobs"][0] is None
+    assert got["token_logprobs"][1:] == pytest.approx([float(lp[j, t]) for j, t in enumerate(ids[1:])], abs=1e-4)
+    assert got["top_logprobs"][0] is None and all(len(d) == 1 for d in got["top_logprobs"][1:])
+    assert got["text_offset"] == [len(tok.decode(ids[:j], skip_special_tokens=True)) for j in range(len(ids))]
+    # echo with new tokens: the prompt's part, then the completion's, offsets running on through both
+    assert echoed["text"] == PROMPTS[3] + alone["text"]
+    both = echoed["logprobs"]
+    assert both["tokens"] == got["tokens"] + alone["logprobs"]["tokens"]
+    assert both["token_logprobs"] == pytest.approx(got["token_logprobs"] + alone["logprobs"]["token_logprobs"],
+                                                   abs=1e-5)
+    assert both["text_offset"][len(ids):] == [o + len(PROMPTS[3]) for o in alone["logprobs"]["text_offset"]]
+
+
 def _slow(model, seconds):
     """A forward pre-hook that sleeps: generation long enough to disconnect in the middle of it."""
     return model.register_forward_pre_hook(lambda *_: time.sleep(seconds))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -60,9 +61,10 @@ def completion_logprobs(scores) -> dict | None:
     """
     if scores is None:
         return None
+    top = any(t.top for t in scores)
     return {"tokens": [t.token for t in scores], "token_logprobs": [t.logprob for t in scores],
-            "top_logprobs": [{a: v for a, v, _ in t.top} for t in scores] if any(t.top for t in scores) else None,
-            "text_offset": [t.offset for t in scores]}
+            "top_logprobs": [{a: v for a, v, _ in t.top} if t.logprob is not None else None for t in scores]
+            if top else None, "text_offset": [t.offset for t in scores]}
 
 
 def chat_logprobs(scores) -> dict | None:
@@ -139,10 +141,15 @@ def build_app(server):
         if len(prompts) * f["n"] > limits.max_inputs:
             raise ServeError(400, f"field 'n': {len(prompts)} prompt(s) x n {f['n']} = {len(prompts) * f['n']} "
                                   f"choices; at most {limits.max_inputs} per request", param="n")
-        top = logprobs_wanted(f, chat)
+        top, echo = logprobs_wanted(f, chat), bool(f.get("echo"))
+        if max_tokens == 0 and not echo:
+            raise ServeError(400, "field 'max_tokens': 0 only with 'echo': true (scoring the prompt)",
+                             param="max_tokens")
+        if echo and f["stream"]:
+            raise ServeError(400, "field 'echo': not supported with 'stream': true by lorafit serve", param="echo")
         # choice i = prompt i // n, its (i % n)-th sample (OpenAI's order); a seed gives each choice seed + i
         rows = [Row(list(prompts[i // f["n"]]), max_tokens, f["temperature"], f["top_p"], f["stop"],
-                    None if f["seed"] is None else f["seed"] + i, logprobs=top)
+                    None if f["seed"] is None else f["seed"] + i, logprobs=top, echo=echo)
                 for i in range(len(prompts) * f["n"])]
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": f["model"]}
@@ -171,8 +178,13 @@ def build_app(server):
         if chat:
             return {"index": i, "message": {"role": "assistant", "content": r["text"]},
                     "logprobs": chat_logprobs(r["scores"]), "finish_reason": r["finish_reason"]}
-        return {"index": i, "text": r["text"], "logprobs": completion_logprobs(r["scores"]),
-                "finish_reason": r["finish_reason"]}
+        text, scores = r["text"], r["scores"]
+        if r["echo"] is not None:  # the prompt (as the tokenizer reads it back) and its scored tokens first
+            prompt, prompt_scores = r["echo"]
+            text = prompt + text
+            if scores is not None:
+                scores = [*prompt_scores, *(dataclasses.replace(t, offset=t.offset + len(prompt)) for t in scores)]
+        return {"index": i, "text": text, "logprobs": completion_logprobs(scores), "finish_reason": r["finish_reason"]}
 
     def usage(results: list[dict]) -> dict:
         p, c = sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results)

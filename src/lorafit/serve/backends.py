@@ -96,7 +96,8 @@ class CausalLM:
             row.done = (lambda text, reason, n, job=job: job.finish(
                 {"text": text, "finish_reason": reason, "completion_tokens": n,
                  "prompt_tokens": len(job.work.ids),
-                 "scores": job.work.scores if job.work.logprobs is not None else None}))
+                 "scores": job.work.scores if job.work.logprobs is not None else None,
+                 "echo": (job.work.prompt_text, job.work.prompt_scores) if job.work.echo else None}))
             rows.append(row)
         return rows
 

@@ -43,6 +43,8 @@ class Row:
         logprobs: None = off; k = record each new token's log-probability under the model's own
             distribution (the raw logits: before temperature and top_p) and the k most likely
             alternatives; ``scores`` then holds one :class:`TokenScore` per token of the text.
+        echo: with ``logprobs``, also score the prompt's tokens (``prompt_scores``: the first has no
+            logprob); ``max_tokens`` 0 then scores the prompt and generates nothing.
     """
 
     ids: list[int]
@@ -60,6 +62,9 @@ class Row:
     logprobs: int | None = None
     scores: list = field(default_factory=list)  # per kept token: (id, logprob, [(id, logprob)] top-k)
     pending: tuple = ()  # the scores of the token picked this step, appended if the token is kept
+    echo: bool = False  # the answer starts with the prompt (``prompt_text``), scored with logprobs set
+    prompt_scores: list = field(default_factory=list)
+    prompt_text: str = ""
 
 
 @dataclass
@@ -68,7 +73,7 @@ class TokenScore:
     alternatives (text, log-probability, bytes) and where its text starts in the completion."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it to predict it)
     bytes: bytes
     top: list[tuple[str, float, bytes]]
     offset: int
@@ -211,11 +216,12 @@ class Generator:
     def _text(self, row: Row) -> str:
         return self.tok.decode(row.out, skip_special_tokens=True)
 
-    def _forward(self, keys, **inputs):
+    def _forward(self, keys, all_positions: bool = False, **inputs):
+        """(cache, logits of the last position [B, V], or of every position [B, T, V] with ``all_positions``)."""
         with lorafit.adapter_batch(self.model, keys, slots=self.slots(), share_weights=True):
-            out = self.model(**inputs, **self.keep_arg, use_cache=True)
+            out = self.model(**inputs, **({} if all_positions else self.keep_arg), use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
-        return cache, out.logits[:, -1]
+        return cache, out.logits if all_positions else out.logits[:, -1]
 
     def _prefill(self, rows: list[Row], keys: list[str | None]):
         """Left-pad and run the prompts: (rows, keys, cache, last logits [B, V], mask [B, T], last position [B])."""
@@ -233,8 +239,41 @@ class Generator:
             mask[i, width - len(r.ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache, logits = self._forward(keys, input_ids=ids, attention_mask=mask, position_ids=pos)
+        scored = [i for i, r in enumerate(rows) if r.echo and r.logprobs is not None]
+        if scored:  # echo + logprobs: every position's logits (the common batch keeps only the last)
+            cache, every = self._forward(keys, all_positions=True, input_ids=ids, attention_mask=mask,
+                                         position_ids=pos)
+            for i in scored:
+                rows[i].prompt_scores = self._prompt_scores(rows[i], every[i, width - len(rows[i].ids):])
+            logits = every[:, -1]
+        else:
+            cache, logits = self._forward(keys, input_ids=ids, attention_mask=mask, position_ids=pos)
+        ended = [i for i, r in enumerate(rows) if r.max_tokens == 0]  # echo only: scored, nothing to generate
+        if ended:
+            for i in ended:
+                self._finish(rows[i], "", "length")
+            left = [i for i in range(len(rows)) if i not in ended]
+            if not left:
+                return None
+            index = torch.tensor(left, device=self.device)
+            cache.batch_select_indices(index)
+            rows, keys = [rows[i] for i in left], [keys[i] for i in left]
+            logits, mask, pos = logits[index], mask[index], pos[index]
         return rows, keys, cache, logits, mask, pos[:, -1]
+
+    def _prompt_scores(self, row: Row, logits: torch.Tensor) -> list[TokenScore]:
+        """The prompt's tokens scored by the logits of its own positions [n, V] (position t predicts t + 1)."""
+        lp = torch.log_softmax(logits[:-1].float(), -1)
+        chosen = lp.gather(1, torch.tensor(row.ids[1:], device=lp.device)[:, None])[:, 0].tolist()
+        top = lp.topk(row.logprobs, -1) if row.logprobs and len(row.ids) > 1 else None
+        out = []
+        for j, token in enumerate(row.ids):
+            alts = [] if top is None or j == 0 else list(zip(top.indices[j - 1].tolist(), top.values[j - 1].tolist()))
+            out.append(TokenScore(self.tok.decode([token]), None if j == 0 else chosen[j - 1],
+                                  token_bytes(self.tok, token),
+                                  [(self.tok.decode([t]), v, token_bytes(self.tok, t)) for t, v in alts],
+                                  len(self.tok.decode(row.ids[:j], skip_special_tokens=True))))
+        return out
 
     @torch.inference_mode()
     def run(self, rows: list[Row], keys: list[str | None], admit: Admit | None = None) -> None:
@@ -301,6 +340,8 @@ class Generator:
             row.sent = len(text)
         if row.logprobs is not None:
             row.scores = self._token_scores(row, len(text) if cut else None)
+        if row.echo:
+            row.prompt_text = self.tok.decode(row.ids, skip_special_tokens=True)
         row.done(text, reason, len(row.out))
         return True
 

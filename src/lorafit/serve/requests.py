@@ -2,7 +2,7 @@
 
 Each endpoint declares its fields (:data:`COMPLETION`, :data:`CHAT`, :data:`CLASSIFY`). An
 unknown field is refused (a typo such as ``max_token`` would otherwise be silently ignored), and
-so is an OpenAI field set to a value lorafit does not implement (``echo``, penalties): the
+so is an OpenAI field set to a value lorafit does not implement (penalties, ``best_of``): the
 request would otherwise get an answer computed differently from what it asked.
 """
 
@@ -165,7 +165,7 @@ def sampling_fields(max_tokens_limit: int, default_max_tokens: int) -> dict:
     """The generation fields common to /v1/completions and /v1/chat/completions."""
     return {
         "model": (text, MISSING),
-        "max_tokens": (lambda n, v: number(n, v, 1, max_tokens_limit, integer=True), default_max_tokens),
+        "max_tokens": (lambda n, v: number(n, v, 0, max_tokens_limit, integer=True), default_max_tokens),
         "temperature": (lambda n, v: number(n, v, 0, 2), 1.0),
         "top_p": (lambda n, v: number(n, v, 0, 1), 1.0),
         "stop": (stops, ()),
@@ -184,7 +184,7 @@ def completion_spec(max_tokens_limit: int, max_inputs: int) -> dict:
     return {
         **sampling_fields(max_tokens_limit, min(16, max_tokens_limit)),  # OpenAI's default max_tokens: 16
         "prompt": (lambda n, v: prompts(n, v, max_inputs), MISSING),
-        "echo": (fixed(False), False),
+        "echo": (any_of(bool), False),
         "logprobs": (lambda n, v: number(n, v, 0, 5, integer=True), None),  # top alternatives per token
         "best_of": (fixed(1), 1),
         "suffix": (fixed(None, ""), None),
