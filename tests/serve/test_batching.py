@@ -86,3 +86,22 @@ def test_token_bytes_rebuild_text_split_inside_characters():
             return {0: "\ufffd", 1: " cat"}[ids[0]]
 
     assert token_bytes(ByteFallback(), 0) == b"\xe2" and token_bytes(ByteFallback(), 1) == b" cat"
+
+
+def test_a_cancelled_row_is_answered_with_its_scores(tiny_llama):
+    """A row cancelled mid-decode (client gone, server stopping) ends like any other: its text so far and,
+    when asked, one score per token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.serve.generate import Generator, Row, TokenScore
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    gen = Generator(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), tok, tok.pad_token_id, set())
+    got = {}
+    row = Row(tok("the film")["input_ids"], max_tokens=8, logprobs=2,
+              done=lambda text, reason, n: got.update(text=text, reason=reason, n=n))
+    row.cancelled = lambda: len(row.out) >= 3
+    gen.run([row], [None])
+    assert got == {"text": tok.decode(row.out, skip_special_tokens=True), "reason": "cancelled", "n": 3}
+    assert all(isinstance(s, TokenScore) and len(s.top) == 2 for s in row.scores)
+    assert [s.token for s in row.scores] == [tok.decode([t]) for t in row.out]

@@ -313,9 +313,8 @@ class Generator:
 
     def _step(self, row: Row, token: int) -> bool:
         """Add ``token`` to ``row``; True (and ``row.done`` called) when the row is finished."""
-        if row.cancelled():
-            row.done(self._text(row), "cancelled", len(row.out))
-            return True
+        if row.cancelled():  # answered like any other end (scores included): a shutdown still replies
+            return self._finish(row, self._text(row), "cancelled")
         if token in self.eos_ids:
             return self._finish(row, self._text(row), "stop")
         row.out.append(token)
