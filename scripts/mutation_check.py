@@ -217,7 +217,7 @@ MUTANTS = [
       "    piece = tok.convert_ids_to_tokens(token_id)\n",
       "    return tok.decode([token_id]).encode('utf-8')\n", ["tests/serve/test_batching.py"], needs="fastapi"),
     m("fingerprint_not_rounded", "src/lorafit/fingerprint.py",
-      "values = flat[idx] if rounding is None else flat[idx].to(rounding)", "values = flat[idx]",
+      "(values if rounding is None else values.to(rounding))", "values",
       ["tests/api/test_io.py"]),
 ]
 

@@ -18,24 +18,35 @@ from .tree import full_tensor
 ROUNDED = {"bf16": torch.bfloat16, "fp16": torch.float16}  # lorafit_base_fingerprint_<suffix>
 
 
-def fingerprint(named_weights, rounding: torch.dtype | None = None) -> str | None:
-    """A cheap, stable hash of base weights: names, shapes and 1024 evenly spaced values each.
+def fingerprints(named_weights, roundings=(None,)) -> list[str | None]:
+    """A cheap, stable hash of base weights per rounding: names, shapes and 1024 evenly spaced values each.
 
-    ``rounding=torch.bfloat16`` (or float16) hashes the values rounded to that dtype first: the same
-    weights held in fp32 or cast to bf16 (a base served in bf16) then hash alike, while other
-    weights still differ.
+    ``roundings`` are None (the values as they are) or a dtype the values are rounded to first
+    (``torch.bfloat16``: the same weights held in fp32 or cast to bf16 then hash alike, while other
+    weights still differ). All hashes come from one pass, so a sharded weight is gathered once.
     """
-    h = hashlib.sha256()
+    hashers = [hashlib.sha256() for _ in roundings]
     count = 0
     for name, w in sorted(named_weights, key=lambda t: t[0]):
         flat = full_tensor(w.detach()).reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 1024), device=flat.device).long()
-        h.update(name.encode())
-        h.update(str(tuple(w.shape)).encode())
-        values = flat[idx] if rounding is None else flat[idx].to(rounding)
-        h.update(values.float().cpu().numpy().tobytes())
+        values = flat[idx]
+        for h, rounding in zip(hashers, roundings):
+            h.update(name.encode())
+            h.update(str(tuple(w.shape)).encode())
+            h.update((values if rounding is None else values.to(rounding)).float().cpu().numpy().tobytes())
         count += 1
-    return h.hexdigest()[:32] if count else None
+    return [h.hexdigest()[:32] if count else None for h in hashers]
+
+
+def fingerprint_metadata(named_weights) -> dict[str, str]:
+    """The safetensors metadata ``save_adapter`` records: the exact hash and the rounded ones (none
+    when no weight was hashed)."""
+    exact, *rounded = fingerprints(named_weights, (None, *ROUNDED.values()))
+    if exact is None:
+        return {}
+    return {"lorafit_base_fingerprint": exact,
+            **{f"lorafit_base_fingerprint_{k}": v for k, v in zip(ROUNDED, rounded)}}
 
 
 def base_matches(meta: dict, named_weights) -> bool:
@@ -46,8 +57,9 @@ def base_matches(meta: dict, named_weights) -> bool:
     or fp16 (rounding the fp32 values gives exactly the cast base's values).
     """
     want = meta.get("lorafit_base_fingerprint")
-    fp = fingerprint(named_weights) if want else None
-    if not want or not fp or want == fp:
+    if not want:
         return True
-    return any(meta.get(f"lorafit_base_fingerprint_{k}") == fingerprint(named_weights, dt)
-               for k, dt in ROUNDED.items() if meta.get(f"lorafit_base_fingerprint_{k}"))
+    exact, *rounded = fingerprints(named_weights, (None, *ROUNDED.values()))
+    if exact is None or want == exact:
+        return True
+    return any(meta.get(f"lorafit_base_fingerprint_{k}") == v for k, v in zip(ROUNDED, rounded))

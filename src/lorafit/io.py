@@ -24,7 +24,7 @@ from . import variants
 from ._version import __version__
 from .common.files import atomic_write, clean_stale_temps
 from .config import check_adapter_name
-from .fingerprint import ROUNDED, base_matches, fingerprint
+from .fingerprint import base_matches, fingerprint_metadata
 from .inject import commit, plan_injection, plan_saved
 from .layers import LoraLayer, peft_suffixes, wrapper_for
 from .model_card import CARD_NAME, is_lorafit_card, model_card
@@ -113,11 +113,8 @@ def save_adapter(model: nn.Module, directory, adapter: str = "default", base_mod
                       list(embeddings), metrics)
     tensors = {**tensors, **embeddings}
     meta = {"format": "pt", "lorafit_version": __version__}
-    fp = None if convert_to_lora else fingerprint(_base_weights(layers))  # converted: fits the original base
-    if fp:
-        meta["lorafit_base_fingerprint"] = fp
-        meta.update({f"lorafit_base_fingerprint_{k}": fingerprint(_base_weights(layers), dt)
-                     for k, dt in ROUNDED.items()})
+    if not convert_to_lora:  # converted: it fits the original base, not this one
+        meta.update(fingerprint_metadata(_base_weights(layers)))
     meta.update(metadata or {})
 
     def write():

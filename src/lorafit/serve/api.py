@@ -106,11 +106,15 @@ def build_app(server):
             return response
         return run
 
-    async def body_of(request: Request, spec: dict) -> dict[str, Any]:
+    def check_declared_size(request: Request) -> None:
+        """413 before reading a body whose Content-Length is over --max-request-bytes."""
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > limits.max_request_bytes:
             raise ServeError(413, f"request body is {size} bytes; the limit is {limits.max_request_bytes} "
                                   "(--max-request-bytes)")
+
+    async def body_of(request: Request, spec: dict) -> dict[str, Any]:
+        check_declared_size(request)
         return read_fields(parse_body(await request.body(), limits.max_request_bytes), spec)
 
     def submit(kind: str, adapter: str | None, works: list[Any], on_emit=None) -> tuple[list[Job], list]:
@@ -261,10 +265,7 @@ def build_app(server):
         if getattr(formparsers, "multipart", None) is None:
             raise ServeError(415, "multipart uploads need the python-multipart package (pip install "
                                   "'lorafit[serve]'); or send the image as base64 JSON or as the raw body")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
-            raise ServeError(413, f"request body is {declared} bytes; the limit is {limits.max_request_bytes} "
-                                  "(--max-request-bytes)")
+        check_declared_size(request)
         try:
             form = await request.form(max_files=limits.max_inputs, max_fields=32)  # unknown ones: named below
         except (HTTPException, ValueError, KeyError) as exc:  # malformed or over the part limits

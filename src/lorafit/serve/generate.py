@@ -269,11 +269,14 @@ class Generator:
         out = []
         for j, token in enumerate(row.ids):
             alts = [] if top is None or j == 0 else list(zip(top.indices[j - 1].tolist(), top.values[j - 1].tolist()))
-            out.append(TokenScore(self.tok.decode([token]), None if j == 0 else chosen[j - 1],
-                                  token_bytes(self.tok, token),
-                                  [(self.tok.decode([t]), v, token_bytes(self.tok, t)) for t, v in alts],
-                                  len(self.tok.decode(row.ids[:j], skip_special_tokens=True))))
+            out.append(self._score(token, None if j == 0 else chosen[j - 1], alts,
+                                   len(self.tok.decode(row.ids[:j], skip_special_tokens=True))))
         return out
+
+    def _score(self, token: int, logprob: float | None, alts: list[tuple[int, float]], offset: int) -> TokenScore:
+        """A token id, its log-probability and its alternatives' (id, log-probability) as the response shows them."""
+        return TokenScore(self.tok.decode([token]), logprob, token_bytes(self.tok, token),
+                          [(self.tok.decode([t]), v, token_bytes(self.tok, t)) for t, v in alts], offset)
 
     @torch.inference_mode()
     def run(self, rows: list[Row], keys: list[str | None], admit: Admit | None = None) -> None:
@@ -350,7 +353,6 @@ class Generator:
         for j, (token, logprob, top) in enumerate(row.scores):
             if cut is not None and start >= cut:
                 break
-            out.append(TokenScore(self.tok.decode([token]), logprob, token_bytes(self.tok, token),
-                                  [(self.tok.decode([t]), v, token_bytes(self.tok, t)) for t, v in top], start))
+            out.append(self._score(token, logprob, top, start))
             start = len(self.tok.decode(row.out[: j + 1], skip_special_tokens=True))
         return out

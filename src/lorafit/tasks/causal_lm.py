@@ -38,7 +38,7 @@ from lorafit.common.files import write_json
 from lorafit.data import DEFAULT_CHAT_EVAL, DEFAULT_CHAT_TRAIN
 from lorafit.tasks import ATTN_OPTION, LoopTask, TextModel, checkpoint_activations
 from lorafit.tasks.generation import exact_match, turn_end
-from lorafit.tasks.lm_loss import next_token_loss_sum
+from lorafit.tasks.lm_loss import IGNORE, next_token_loss_sum
 from lorafit.train.data import read_table, take_samples
 from lorafit.train.options import Option
 
@@ -69,7 +69,6 @@ OPTIONS = [
     ),
     ATTN_OPTION,
 ]
-IGNORE = -100
 EVAL_LOGITS_BYTES = 256 * 2**20  # fp32 logits of one evaluation forward, at most (a single row may exceed it)
 
 
