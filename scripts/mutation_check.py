@@ -197,7 +197,7 @@ MUTANTS = [
     m("serve_evict_keeps_adapter", "src/lorafit/serve/adapters.py",
       "            lorafit.delete_adapter(self.model, key)", "            pass", ["tests/serve/test_serve_causal.py"],
       needs="fastapi"),
-    m("serve_adapters_not_cast", "src/lorafit/serve/adapters.py", "layer.adapters[key].to(self.dtype)", "pass",
+    m("serve_adapters_not_cast", "src/lorafit/serve/adapters.py", "ad.to(self.dtype)", "pass",
       ["tests/serve/test_serve_causal.py"], needs="fastapi"),
     m("serve_never_trims", "src/lorafit/serve/engine.py",
       "if self.metrics.loads + self.metrics.evictions != churn:", "if False:", ["tests/serve/test_serve_causal.py"],

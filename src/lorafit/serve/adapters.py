@@ -188,7 +188,7 @@ class AdapterStore:
                 self.metrics.count("load_failures")
                 raise ServeError(422, f"adapter {name!r}: {str(exc).splitlines()[0]}", param="model",
                                  code="adapter_invalid") from None
-        nbytes = sum(p.numel() * p.element_size() for layer in self._layers_of(key) for p in layer)
+        nbytes = sum(p.numel() * p.element_size() for ad in self._adapters_of(key) for p in ad.parameters())
         self.resident[name] = Resident(key, stamp, extra, nbytes)
         self.metrics.count("loads")
         self.load_seconds = time.perf_counter() - t0
@@ -198,14 +198,14 @@ class AdapterStore:
         """The adapter's A and B in the base's dtype: the batched forward computes in that dtype anyway,
         and stacks of the same dtype can be the adapters' storage (one copy, ``share_weights``)."""
         with torch.inference_mode(False), torch.no_grad():
-            for _, layer in lora_layers(self.model):
-                if key in layer.adapters:
-                    layer.adapters[key].to(self.dtype)
+            for ad in self._adapters_of(key):
+                ad.to(self.dtype)
 
-    def _layers_of(self, key: str):
+    def _adapters_of(self, key: str):
+        """The adapter modules stored under ``key``, one per layer that has it."""
         for _, layer in lora_layers(self.model):
             if key in layer.adapters:
-                yield list(layer.adapters[key].parameters())
+                yield layer.adapters[key]
 
     def evict(self, name: str) -> None:
         """Delete ``name`` from the model (if resident) and free the layers' stacked-weight caches."""
